@@ -1,0 +1,312 @@
+"""The fusion engine: token-level ensemble generation and scoring across tokenizers.
+
+Generation, per step, for a batch of B rows and M members:
+  each member's next-token log-probs [B, V_m] (KV-cached, fed only new ids)
+  -> weights [B, M] from the policy, refreshed once per span
+  -> mixture in the union vocabulary [B, U] (one scatter-add per member)
+  -> the chosen union token, fed to every member in its own ids.
+
+Scoring: each member scores the continuation in its own tokens; the continuation is cut where all
+members have a token boundary, and the weighted mixture is taken per segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lm_eval_rlae.chat import render
+from lm_eval_rlae.members import Member, MemberStream
+from lm_eval_rlae.policies import PolicyState, WeightPolicy
+from lm_eval_rlae.vocab import UnionVocab
+
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+@dataclass
+class Decoding:
+    """Generation settings of one batch (from the harness's normalised gen_kwargs)."""
+
+    until: list[str]
+    max_gen_toks: int
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class _Sync:
+    """What a member was fed since its last word boundary, to re-tokenize it there if needed.
+
+    dirty: some of `fed` are not the member's own token for the chosen text (it was fed a
+    re-encoding of another member's token), so they may not be its canonical tokenization.
+    """
+
+    fed: list[int] = field(default_factory=list)
+    text: bytes = b""
+    dirty: bool = False
+
+
+@dataclass
+class _Row:
+    n_members: int
+    text: bytes = b""
+    tokens: list[int] = field(default_factory=list)  # union ids generated
+    done: bool = False
+    syncs: list[_Sync] = field(init=False)
+
+    def __post_init__(self):
+        self.syncs = [_Sync() for _ in range(self.n_members)]
+
+
+@dataclass
+class _Scored:
+    """One member's score of one request: per-token log-probs and bytes, and the decision state."""
+
+    token_logprobs: np.ndarray  # [n]
+    token_lengths: np.ndarray  # [n] bytes each token adds to the text
+    greedy: bool
+    decision_logprobs: torch.Tensor  # [V] next-token log-probs at the end of the context
+    decision_hidden: torch.Tensor | None  # [H]
+
+
+class FusionEngine:
+    def __init__(self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234):
+        self.members = members
+        self.policy = policy
+        self.span_length = span_length
+        self.union = UnionVocab([member.vocab for member in members])
+        self.device = members[0].device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, contexts: list[str], decoding: Decoding) -> list[str]:
+        """Generate for a batch of contexts; returns the raw texts (stop strings not yet cut)."""
+        batch = len(contexts)
+        streams = [MemberStream(member, batch, hidden=self.policy.needs_hidden) for member in self.members]
+        for member, stream in zip(self.members, streams):
+            stream.feed([self._context_ids(member, context, decoding.max_gen_toks) for context in contexts])
+        rows = [_Row(len(self.members)) for _ in range(batch)]
+        stops = [stop.encode("utf-8") for stop in decoding.until if stop]
+        for step in range(decoding.max_gen_toks):
+            if step % self.span_length == 0:
+                weights = self.policy(self._state(streams, contexts, rows, step // self.span_length)).to(self.device)
+            probs = self.union.scatter([stream.logprobs.exp() for stream in streams], weights)  # [B, U]
+            chosen = self._choose(probs, decoding).cpu()  # [B]
+            own_ids = [self.union.from_union[m][chosen].tolist() for m in range(len(self.members))]  # M x [B]
+            feeds: list[list[list[int]]] = [[[] for _ in range(batch)] for _ in self.members]
+            for r, token in enumerate(chosen.tolist()):
+                row = rows[r]
+                if row.done:
+                    continue
+                if token == self.union.eos:
+                    row.done = True
+                    continue
+                piece = self.union.token_bytes[token]
+                row.text += piece
+                row.tokens.append(token)
+                if piece and _has_stop(row.text, len(piece), stops):
+                    row.done = True
+                    continue
+                for m, stream in enumerate(streams):
+                    feeds[m][r] = self._ids_to_feed(m, stream, r, row.syncs[m], own_ids[m][r], piece)
+            if all(row.done for row in rows) or step == decoding.max_gen_toks - 1:
+                break
+            for stream, feed in zip(streams, feeds):
+                stream.feed(feed)
+        return [self.union.decode(row.tokens) for row in rows]
+
+    def _context_ids(self, member: Member, context: str, max_gen_toks: int) -> list[int]:
+        room = member.max_length - max_gen_toks
+        if room <= 0:
+            raise ValueError(
+                f"max_gen_toks={max_gen_toks} leaves no room for a context in member {member.name!r} "
+                f"(max_length {member.max_length}): lower max_gen_toks"
+            )
+        ids = member.lm.tok_encode(render(member.lm, context), left_truncate_len=room)
+        return ids or [member.lm.prefix_token_id]
+
+    def _ids_to_feed(self, m: int, stream: MemberStream, row: int, sync: _Sync, own: int, piece: bytes) -> list[int]:
+        """Ids that append `piece` to member m's row, re-tokenizing at a word boundary if needed.
+
+        A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
+        brought back to its canonical tokens when the next word starts.
+        """
+        vocab = self.members[m].vocab
+        ids: list[int] = []
+        at_boundary = bool(piece) and piece[0] in _WHITESPACE
+        if at_boundary:
+            if sync.dirty:
+                canonical = vocab.encode_bytes(sync.text)
+                if canonical != sync.fed:
+                    stream.take_back(row, len(sync.fed))
+                    ids += canonical
+            sync.fed, sync.text, sync.dirty = [], b"", False
+        new = [own] if own >= 0 else vocab.encode_bytes(piece)
+        sync.dirty |= own < 0 and bool(piece)
+        sync.fed += new
+        sync.text += piece
+        return ids + new
+
+    def _choose(self, probs: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+        """[B, U] mixture -> [B] union ids: argmax, or a sample after temperature / top-k / top-p."""
+        if not decoding.do_sample or decoding.temperature == 0:
+            return probs.argmax(dim=-1)
+        probs = probs.clamp_min(1e-30).log().div(decoding.temperature).softmax(dim=-1)
+        if decoding.top_k:
+            kth = probs.topk(min(decoding.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0)
+        if decoding.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # keep the smallest nucleus
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0))
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def _state(self, streams, contexts, rows, span_index: int) -> PolicyState:
+        return PolicyState(
+            member_logprobs=[stream.logprobs for stream in streams],
+            member_hidden=[stream.states for stream in streams] if self.policy.needs_hidden else None,
+            span_index=torch.full((len(contexts),), span_index),
+            contexts=list(contexts),
+            generated=[self.union.decode(row.tokens) for row in rows],
+        )
+
+    # ---------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """log p(continuation | context) under the mixture, and whether it is greedy (see `_mix`)."""
+        scored = [
+            self._score(member, [[_encode_pair(member, context, continuation)] for context, continuation in requests])
+            for member in self.members
+        ]
+        return self._mix(scored, [context for context, _ in requests])
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, strings: list[str]) -> list[float]:
+        """log p(string) under the mixture; each member scores in its own rolling windows."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        scored = []
+        for member in self.members:
+            lm = member.lm
+            windows = [
+                [
+                    make_disjoint_window(window)
+                    for window in get_rolling_token_windows(
+                        token_list=lm.tok_encode(string), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1
+                    )
+                ]
+                for string in strings
+            ]
+            scored.append(self._score(member, windows))
+        return [logprob for logprob, _ in self._mix(scored, ["" for _ in strings])]
+
+    def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[_Scored]:
+        """Score each request, given as one or more (context ids, continuation ids) windows.
+
+        All windows go through the member in one right-padded batch, as lm-eval's HFLM does,
+        with logits only at the continuation positions.
+        """
+        windows = [window for request in requests for window in request]
+        inputs = [(context + continuation)[-(member.max_length + 1) :][:-1] for context, continuation in windows]
+        lengths = torch.tensor([len(ids) for ids in inputs])
+        targets = [continuation for _, continuation in windows]
+        width, span = int(lengths.max()), max(len(t) for t in targets)
+        input_ids = torch.zeros(len(inputs), width, dtype=torch.long)
+        for i, ids in enumerate(inputs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        positions = torch.arange(width)[None, :].expand(len(inputs), -1)
+        first = lengths - torch.tensor([len(t) for t in targets])  # position of each window's first target
+        keep = (first[:, None] + torch.arange(span)[None, :]).clamp(max=(lengths - 1)[:, None])  # [N, span]
+        logits, hidden, _ = member.forward(input_ids, mask, positions, keep, hidden=self.policy.needs_hidden)
+        logits = logits.float()
+        normaliser = logits.logsumexp(dim=-1)  # [N, span]
+        greedy_ids = logits.argmax(dim=-1)
+        token_lengths = member.vocab.token_lengths
+        out, w = [], 0
+        for request in requests:
+            lps, lens, greedy = [], [], True
+            for j, (_, target) in enumerate(request):
+                t = torch.tensor(target, device=logits.device)
+                n = len(target)
+                lps.append((logits[w + j, :n].gather(-1, t[:, None])[:, 0] - normaliser[w + j, :n]).cpu().numpy())
+                lens.append(token_lengths[target])
+                greedy &= bool((greedy_ids[w + j, :n] == t).all())
+            out.append(
+                _Scored(
+                    token_logprobs=np.concatenate(lps).astype(np.float64),
+                    token_lengths=np.concatenate(lens),
+                    greedy=greedy,
+                    decision_logprobs=logits[w, 0] - normaliser[w, 0],
+                    decision_hidden=hidden[w, 0] if hidden is not None else None,
+                )
+            )
+            w += len(request)
+        return out
+
+    def _mix(self, scored: list[list[_Scored]], contexts: list[str]) -> list[tuple[float, bool]]:
+        """Combine members' scores per request with the policy's weights.
+
+        The text is cut into segments at byte offsets (counted from the end, where every member's
+        tokens end together) that are token boundaries for every member; a segment's probability
+        is the weighted mixture of the members' probabilities of it.
+
+        is_greedy: True when members holding more than half of the weight would each produce the
+        continuation greedily (every one of its tokens their argmax). With one member, identical
+        members or one-hot weights, this is exactly that member's is_greedy.
+        """
+        batch = len(contexts)
+        state = PolicyState(
+            member_logprobs=[torch.stack([s.decision_logprobs for s in per_member]) for per_member in scored],
+            member_hidden=[torch.stack([s.decision_hidden for s in per_member]) for per_member in scored] if self.policy.needs_hidden else None,
+            span_index=torch.zeros(batch, dtype=torch.long),
+            contexts=contexts,
+            generated=["" for _ in range(batch)],
+        )
+        weights = self.policy(state).cpu().double().numpy()  # [B, M]
+        results = []
+        for r in range(batch):
+            members = [per_member[r] for per_member in scored]
+            results.append((_mix_segments(members, weights[r]), float(sum(w for w, s in zip(weights[r], members) if s.greedy)) > 0.5))
+        return results
+
+
+def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:
+    remaining = [s.token_lengths[::-1].cumsum()[::-1] - s.token_lengths for s in members]  # bytes after each token
+    common = remaining[0]
+    for rem in remaining[1:]:
+        common = np.intersect1d(common, rem)
+    common = np.unique(common)  # ascending; always holds 0, the end of the text
+    segment_logprobs = np.stack(
+        [
+            np.bincount(np.searchsorted(common, rem, side="right") - 1, weights=s.token_logprobs, minlength=len(common))
+            for s, rem in zip(members, remaining)
+        ]
+    )  # [M, S]
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)[:, None]
+    return float(np.logaddexp.reduce(log_weights + segment_logprobs, axis=0).sum())
+
+
+def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The member's (context, continuation) ids exactly as lm-eval's TemplateLM.loglikelihood makes them."""
+    lm = member.lm
+    context = render(lm, context)
+    if context:
+        return lm._encode_pair(context, continuation)
+    continuation_ids = lm.tok_encode(continuation, add_special_tokens=False)
+    if continuation_ids and continuation_ids[0] == lm.prefix_token_id:
+        return continuation_ids[:1], continuation_ids[1:]
+    return [lm.prefix_token_id], continuation_ids
+
+
+def _has_stop(text: bytes, new: int, stops: list[bytes]) -> bool:
+    """Whether a stop string ends within the last `new` bytes of `text`."""
+    return any(stop in text[-(new + len(stop) - 1) :] for stop in stops)

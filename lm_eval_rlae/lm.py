@@ -1,0 +1,174 @@
+"""`lm_eval --model rlae`: the harness LM class of the ensemble.
+
+    lm_eval --model rlae \\
+      --model_args 'members=[HuggingFaceTB/SmolLM2-135M-Instruct,google/gemma-3-270m],weights=uniform' \\
+      --tasks gsm8k,mmlu
+
+Requests are ordered and batched with lm-eval's own Collator (longest first, generation grouped
+by gen_kwargs) and run through the FusionEngine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lm_eval.api.model import LM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from lm_eval_rlae.chat import encode_chat
+from lm_eval_rlae.fusion import Decoding, FusionEngine
+from lm_eval_rlae.members import Member, MemberSpec, parse_list, resolve_device
+from lm_eval_rlae.policies import make_policy
+
+logger = logging.getLogger(__name__)
+
+
+class RLAELM(LM):
+    """A token-level ensemble of causal LMs with possibly different tokenizers.
+
+    members:      model names, paths or presets: `[a,b]`, or a JSON list whose items may be dicts
+                  of per-member options (`{"pretrained": ..., "device": "cuda:1", "dtype": "bfloat16",
+                  "gguf_file": ..., "peft": ...}`)
+    weights:      `uniform` or one non-negative weight per member, e.g. `[0.7,0.3]`
+    span_length:  union tokens generated between two calls of the weight policy
+    device/dtype: defaults for every member; `devices=[..]` / `dtypes=[..]` set them per member
+    trust_remote_code: off unless asked, for every member
+    """
+
+    def __init__(
+        self,
+        members=None,
+        weights="uniform",
+        span_length: int = 4,
+        device: str | None = None,
+        dtype: str = "auto",
+        devices=None,
+        dtypes=None,
+        trust_remote_code: bool = False,
+        batch_size: int | str = 1,
+        max_batch_size: int = 64,
+        max_gen_toks: int = 256,
+        seed: int = 1234,
+    ):
+        super().__init__()
+        entries = parse_list(members)
+        if not entries:
+            raise ValueError("rlae needs members: --model_args 'members=[model_a,model_b]' (hub ids, local paths or presets)")
+        if int(span_length) < 1:
+            raise ValueError(f"span_length={span_length}: it must be an integer >= 1 (tokens generated per weight decision)")
+        per_member = {"device": parse_list(devices), "dtype": parse_list(dtypes)}
+        for key, values in per_member.items():
+            if values and len(values) != len(entries):
+                raise ValueError(f"{key}s has {len(values)} values for {len(entries)} members: give one per member")
+        policy = make_policy(weights, len(entries))  # checked before loading any model
+        specs = [
+            MemberSpec.parse(
+                entry,
+                {
+                    "device": per_member["device"][i] if per_member["device"] else resolve_device(device),
+                    "dtype": per_member["dtype"][i] if per_member["dtype"] else dtype,
+                    "trust_remote_code": trust_remote_code,
+                },
+            )
+            for i, entry in enumerate(entries)
+        ]
+        self.members = [Member(spec, max_batch_size=max_batch_size) for spec in specs]
+        self.engine = FusionEngine(self.members, policy, span_length=int(span_length), seed=int(seed))
+        self.batch_size = _batch_size(batch_size, max_batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = self.members[0].device
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        # lm-eval's simple parser splits on every comma, breaking `members=[a,b]`; split at top level.
+        from lm_eval._cli.utils import key_val_to_dict
+
+        additional = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**key_val_to_dict(arg_string), **additional)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "+".join(member.name for member in self.members)
+
+    def chat_template(self, chat_template=False) -> str | None:
+        templates = [member.lm.chat_template(chat_template) for member in self.members]
+        return None if all(t is None for t in templates) else "\n".join(t or "" for t in templates)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return encode_chat(chat_history, add_generation_prompt)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        _check_text_only(requests)
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda args: (-len(args[0]), args[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+        )
+        results = []
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae generate_until") as bar:
+            for chunk in collator.get_batched(n=self.batch_size):
+                contexts, all_kwargs = zip(*chunk)
+                kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
+                decoding = Decoding(
+                    until=until,
+                    max_gen_toks=kwargs.pop("max_gen_toks"),
+                    do_sample=bool(kwargs.pop("do_sample", False)),
+                    temperature=float(kwargs.pop("temperature", 0.0)),
+                    top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+                    top_k=int(kwargs.pop("top_k", 0) or 0),
+                )
+                if kwargs:
+                    raise ValueError(
+                        f"rlae does not support the generation arguments {sorted(kwargs)}; it supports until, "
+                        "max_gen_toks, do_sample, temperature, top_p and top_k: remove the others from gen_kwargs"
+                    )
+                for context, text in zip(contexts, self.engine.generate(list(contexts), decoding)):
+                    text = postprocess_generated_text(text, until, None)
+                    results.append(text)
+                    self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                    bar.update(1)
+        return collator.get_original(results)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        _check_text_only(requests)
+        collator = Collator([request.args for request in requests], sort_fn=lambda args: (-len(args[0]) - len(args[1]), args))
+        results = []
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae loglikelihood") as bar:
+            for chunk in collator.get_batched(n=self.batch_size):
+                for args, answer in zip(chunk, self.engine.loglikelihood(list(chunk))):
+                    results.append(answer)
+                    self.cache_hook.add_partial("loglikelihood", args, answer)
+                    bar.update(1)
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        collator = Collator([request.args[0] for request in requests], sort_fn=lambda text: (-len(text), text))
+        results = []
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae loglikelihood_rolling") as bar:
+            for chunk in collator.get_batched(n=self.batch_size):
+                for text, answer in zip(chunk, self.engine.loglikelihood_rolling(list(chunk))):
+                    results.append(answer)
+                    self.cache_hook.add_partial("loglikelihood_rolling", (text,), answer)
+                    bar.update(1)
+        return collator.get_original(results)
+
+
+def _check_text_only(requests) -> None:
+    for request in requests:
+        if len(request.args) != 2:
+            raise ValueError(
+                f"rlae cannot serve this {request.request_type} request of task {request.task_name!r}: it carries "
+                f"{len(request.args) - 2} extra (e.g. image) inputs, and rlae ensembles text-only causal LMs"
+            )
+
+
+def _batch_size(batch_size, max_batch_size: int) -> int:
+    if str(batch_size).startswith("auto"):
+        logger.warning("rlae does not probe for a batch size; batch_size=auto uses max_batch_size=%d", max_batch_size)
+        return int(max_batch_size)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size}: it must be >= 1")
+    return int(batch_size)

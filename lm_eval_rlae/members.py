@@ -1,0 +1,195 @@
+"""Ensemble members: loading, devices, and the KV-cached forward pass.
+
+A member is loaded through lm-eval's own `HFLM`, so hub ids, local paths, GGUF files, peft
+adapters, dtypes and `trust_remote_code` behave exactly as with `--model hf`, and the member's
+tokenization of a request is the one `--model hf` would use. On top of it, `MemberStream` keeps a
+batch of KV caches for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lm_eval_rlae.vocab import MemberVocab
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MemberSpec:
+    """How to load one member. Extra keys go to lm-eval's HFLM (e.g. peft, revision, max_length)."""
+
+    pretrained: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, entry, defaults: dict) -> MemberSpec:
+        """entry: a model name / path, or a dict with `pretrained` and per-member options."""
+        options = dict(defaults)
+        if isinstance(entry, dict):
+            options |= entry
+        else:
+            options["pretrained"] = str(entry).strip().strip("'\"")
+        if not options.get("pretrained"):
+            raise ValueError(f"member {entry!r} has no model: give a hub id, a local path, a preset name or a dict with 'pretrained'")
+        known = {k: options.pop(k) for k in ("pretrained", "device", "dtype", "gguf_file", "trust_remote_code") if k in options}
+        return cls(**known, extra=options)
+
+
+def parse_list(value) -> list:
+    """A list from model_args: a real list (JSON on the command line), or the string `[a,b]`
+    that the harness passes for unquoted items."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = ast.literal_eval(text)
+            if isinstance(parsed, (list, tuple)):
+                return list(parsed)
+        except (ValueError, SyntaxError):
+            pass
+        return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def resolve_device(device: str | None) -> str:
+    """The harness passes `cuda`/`cuda:0` by default; fall back to CPU where there is no GPU."""
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device %r requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return device
+
+
+class Member:
+    """One causal LM of the ensemble, loaded through lm-eval's HFLM."""
+
+    def __init__(self, spec: MemberSpec, max_batch_size: int = 64):
+        from lm_eval.models.huggingface import HFLM
+
+        from lm_eval_rlae.presets import resolve_preset
+
+        self.name = spec.pretrained
+        pretrained = resolve_preset(spec.pretrained) or spec.pretrained
+        try:
+            self.lm = HFLM(
+                pretrained=pretrained,
+                device=resolve_device(spec.device),
+                dtype=spec.dtype,
+                gguf_file=spec.gguf_file,
+                trust_remote_code=spec.trust_remote_code,
+                batch_size=1,
+                max_batch_size=max_batch_size,
+                **spec.extra,
+            )
+        except (OSError, ValueError, EnvironmentError) as error:
+            from lm_eval_rlae.presets import PRESETS
+
+            raise ValueError(
+                f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(PRESETS))}), "
+                f"not a local model directory, and could not be fetched as a Hugging Face hub id "
+                f"(offline, or no such model). Fix the name or path in `members=[...]`. Cause: {error}"
+            ) from error
+        if self.lm.backend != "causal":
+            raise ValueError(f"member {self.name!r} is a {self.lm.backend} model; rlae ensembles causal (decoder-only) LMs only")
+        self.model = self.lm.model
+        self.tokenizer = self.lm.tokenizer
+        self.device = self.lm.device
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        self.vocab = MemberVocab.from_tokenizer(
+            self.tokenizer, vocab_size=self.model.get_output_embeddings().weight.shape[0], eos_ids=generation_eos
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.max_length
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, position_ids, keep, cache=None, hidden=False):
+        """One forward pass; logits only at `keep` positions ([B, K] indices into the chunk).
+
+        Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache).
+        """
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=keep.to(self.device),
+            output_hidden_states=hidden,
+        )
+        states = None
+        if hidden:
+            last = out.hidden_states[-1]
+            states = torch.gather(last, 1, keep.to(last.device)[..., None].expand(-1, -1, last.shape[-1])).float()
+        return out.logits.float(), states, out.past_key_values
+
+
+class MemberStream:
+    """A member's batch of KV caches, fed only new ids at each step.
+
+    Rows may be fed different numbers of ids per step (right-padded, masked), and may take back
+    their last ids (masked out rather than cropped, so other rows keep their caches). Positions are
+    tracked per row, so a masked slot never shifts a row's positions.
+    """
+
+    def __init__(self, member: Member, batch: int, hidden: bool = False):
+        self.member = member
+        self.hidden = hidden
+        self.cache = None
+        self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, T] over cache slots
+        self.next_pos = torch.zeros(batch, dtype=torch.long)  # [B] position of the next real token
+        self.slots: list[list[int]] = [[] for _ in range(batch)]  # cache slot of every live token
+        self.logprobs: torch.Tensor | None = None  # [B, V] next-token log-probs of each row
+        self.states: torch.Tensor | None = None  # [B, H] final hidden state at each row's last token
+
+    def take_back(self, row: int, n: int) -> None:
+        """Forget the last n ids fed to `row`."""
+        if n:
+            gone = self.slots[row][-n:]
+            del self.slots[row][-n:]
+            self.mask[row, gone] = 0
+            self.next_pos[row] -= n
+
+    def feed(self, ids_per_row: list[list[int]]) -> None:
+        """Append ids to each row's cache and refresh the next-token distribution of fed rows."""
+        lengths = torch.tensor([len(ids) for ids in ids_per_row])
+        width = int(lengths.max())
+        if width == 0:
+            return
+        batch, start = len(ids_per_row), self.mask.shape[1]
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        for row, ids in enumerate(ids_per_row):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.slots[row].extend(range(start, start + len(ids)))
+        new_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # [B, W]
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        position_ids = self.next_pos[:, None] + torch.arange(width)[None, :]
+        keep = (lengths - 1).clamp(min=0)[:, None]  # [B, 1] each row's last new token
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.member.model.config)
+        logits, states, self.cache = self.member.forward(
+            input_ids, self.mask, position_ids, keep, cache=self.cache, hidden=self.hidden
+        )
+        logprobs = torch.log_softmax(logits, dim=-1)
+        fed = (lengths > 0).to(logprobs.device)
+        self.logprobs = logprobs[:, 0] if self.logprobs is None else torch.where(fed[:, None], logprobs[:, 0], self.logprobs)
+        if states is not None:
+            self.states = states[:, 0] if self.states is None else torch.where(fed[:, None], states[:, 0], self.states)
+        self.next_pos += lengths
+

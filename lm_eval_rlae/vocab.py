@@ -1,0 +1,280 @@
+"""Byte-exact vocabularies: every member token as the bytes it stands for, and their union.
+
+A member's token is reduced to the exact bytes it adds to the text:
+- byte-level BPE (GPT-2, Llama-3, SmolLM): each character of the token string is one byte through
+  the GPT-2 byte-to-unicode table;
+- SentencePiece style (Llama-2, Gemma): `▁` is a space and `<0xNN>` is the raw byte NN (byte
+  fallback);
+- added tokens that are not special stand for their content; special tokens (bos, eos, pad, chat
+  markers) stand for no text and are kept apart in the union, keyed by their content, with every
+  end-of-sequence token unified into one union id.
+
+The union is the set of distinct byte strings over all members. Fusing is then a scatter-add of
+each member's next-token distribution through `to_union[m]`, and feeding a chosen union token back
+to member m is `from_union[m]` (its own id for exactly those bytes) or, when m has no such token,
+`encode_bytes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_LONE_SURROGATES = re.compile(r"[\udc80-\udcff]+")  # bytes that are not UTF-8, after surrogateescape
+_PROBE = "Hello, world!  x=12+7\n\tÜber straße 東京 🙂  end"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """True when the fast tokenizer's decoder is (or contains) a ByteLevel decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; rlae needs a fast (tokenizers-backed) "
+            "tokenizer to read token bytes exactly. Install `tokenizers` or pass a model with a tokenizer.json."
+        )
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    stack = [decoder]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "ByteLevel":
+            return True
+        stack.extend(node.get("decoders") or [])
+    return False
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> bytes:
+    if byte_level:
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+    if m := _BYTE_FALLBACK.match(piece):
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("▁", " ").encode("utf-8")
+
+
+@dataclass
+class MemberVocab:
+    """One member's tokens as bytes.
+
+    token_bytes[i]: the exact bytes id i adds to the text (b"" for special tokens and for
+    embedding rows past the tokenizer, which stand for nothing).
+    """
+
+    tokenizer: object
+    token_bytes: list[bytes]
+    is_special: list[bool]
+    is_byte_fallback: list[bool]
+    eos_ids: set[int]
+    special_content: dict[int, str] = field(default_factory=dict)  # special id -> its content, e.g. "<|im_end|>"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int | None = None, eos_ids=()) -> MemberVocab:
+        """vocab_size: width of the model's logits (may exceed len(tokenizer)); eos_ids: extra
+        end-of-sequence ids (e.g. from the generation config) besides tokenizer.eos_token_id."""
+        byte_level = _is_byte_level(tokenizer)
+        size = max(vocab_size or 0, len(tokenizer))
+        token_bytes = [b""] * size
+        is_special = [True] * size  # rows the tokenizer does not know stand for nothing
+        is_byte_fallback = [False] * size
+        for piece, i in tokenizer.get_vocab().items():
+            token_bytes[i] = _piece_bytes(piece, byte_level)
+            is_special[i] = False
+            is_byte_fallback[i] = not byte_level and bool(_BYTE_FALLBACK.match(piece))
+        special_content = {}
+        special_ids = set(tokenizer.all_special_ids)
+        for i, added in tokenizer.added_tokens_decoder.items():
+            if is_byte_fallback[i]:  # some tokenizers list their <0xNN> pieces as added tokens
+                continue
+            if added.special or i in special_ids:
+                token_bytes[i], is_special[i], special_content[i] = b"", True, added.content
+            else:  # an added word stands for its literal content, not for byte-level characters
+                token_bytes[i], is_special[i] = added.content.encode("utf-8"), False
+        eos = {int(e) for e in eos_ids if e is not None}
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        for i in eos:
+            special_content.setdefault(i, tokenizer.convert_ids_to_tokens(i))
+            token_bytes[i], is_special[i] = b"", True
+        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content)
+        vocab._check_lossless()
+        return vocab
+
+    def _check_lossless(self) -> None:
+        got = self.decode_bytes(self.tokenizer.encode(_PROBE, add_special_tokens=False))
+        if got != _PROBE.encode("utf-8"):
+            logger.warning(
+                "%s does not reproduce text byte-exactly (%r -> %r): its normalizer changes text, so "
+                "tokens it shares with other members may be matched approximately.",
+                getattr(self.tokenizer, "name_or_path", "tokenizer"), _PROBE, got.decode("utf-8", "replace"),
+            )
+
+    @property
+    def eos_id(self) -> int:
+        """The id fed to this member when the ensemble ends a sequence."""
+        own = self.tokenizer.eos_token_id
+        return own if own is not None else min(self.eos_ids)
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.token_bytes[i] for i in ids)
+
+    @cached_property
+    def token_lengths(self) -> np.ndarray:
+        """[V] how many bytes each id adds to the text."""
+        return np.array([len(b) for b in self.token_bytes])
+
+    @cached_property
+    def _longest_match(self) -> tuple[dict[bytes, int], int]:
+        best: dict[bytes, int] = {}
+        for i, b in enumerate(self.token_bytes):
+            if b and not self.is_special[i] and (b not in best or self.is_byte_fallback[best[b]]):
+                best[b] = i
+        return best, max(map(len, best))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Ids whose bytes are exactly `data`, for any bytes, including partial UTF-8.
+
+        Valid UTF-8 runs go through the member's own tokenizer (its canonical tokens, checked to be
+        byte-exact); the rest is matched greedily, longest token first, which always succeeds when
+        the vocabulary covers every byte (byte-level BPE, SentencePiece byte fallback).
+        """
+        ids: list[int] = []
+        text = data.decode("utf-8", errors="surrogateescape")
+        pos = 0
+        for m in [*_LONE_SURROGATES.finditer(text), None]:
+            valid = text[pos : m.start() if m else len(text)]
+            if valid:
+                own = self.tokenizer.encode(valid, add_special_tokens=False)
+                raw = valid.encode("utf-8")
+                ids += own if self.decode_bytes(own) == raw else self._greedy(raw)
+            if m:
+                ids += self._greedy(m.group().encode("utf-8", errors="surrogateescape"))
+                pos = m.end()
+        return ids
+
+    def _greedy(self, data: bytes) -> list[int]:
+        table, longest = self._longest_match
+        ids, pos = [], 0
+        while pos < len(data):
+            for n in range(min(longest, len(data) - pos), 0, -1):
+                if (i := table.get(data[pos : pos + n])) is not None:
+                    ids.append(i)
+                    pos += n
+                    break
+            else:
+                raise ValueError(
+                    f"{getattr(self.tokenizer, 'name_or_path', 'tokenizer')} has no token for byte "
+                    f"{data[pos]:#04x}: it has neither byte-level BPE nor byte fallback, so it cannot be "
+                    "fed text generated by other members."
+                )
+        return ids
+
+
+class UnionVocab:
+    """The union of members' vocabularies, keyed by exact bytes.
+
+    Union id `eos` (0) stands for every member's end-of-sequence tokens; other special tokens get
+    one union id per distinct content (so `<|im_start|>` of two members is one id); every distinct
+    non-empty byte string gets one id. Ids a member's logits have but its tokenizer lacks go to a
+    sink column (`size`) that is never chosen.
+    """
+
+    eos = 0
+
+    def __init__(self, members: list[MemberVocab]):
+        index: dict[object, int] = {"<eos>": self.eos}
+        self.token_bytes: list[bytes] = [b""]
+        self.is_special: list[bool] = [True]
+        self.is_byte_fallback: list[bool] = [False]
+        to_union = []
+        for vocab in members:
+            ids = [-1] * len(vocab.token_bytes)  # -1: an embedding row the tokenizer does not know
+            seen: dict[bytes, int] = {}
+            # A member's regular token comes before its byte-fallback twin, so the first token for
+            # some bytes is the one shared across members; a member's further tokens for the same
+            # bytes get union ids of their own, keeping its ids and union ids one to one.
+            for i in sorted(range(len(ids)), key=lambda i: (vocab.is_byte_fallback[i], i)):
+                b = vocab.token_bytes[i]
+                if i in vocab.eos_ids:
+                    key = "<eos>"
+                elif vocab.is_special[i]:
+                    if i not in vocab.special_content:
+                        continue
+                    key = ("special", vocab.special_content[i])
+                else:
+                    key = (b, seen.get(b, 0))
+                    seen[b] = key[1] + 1
+                if key not in index:
+                    index[key] = len(self.token_bytes)
+                    self.token_bytes.append(b"" if isinstance(key, str) or key[0] == "special" else b)
+                    self.is_special.append(isinstance(key, str) or key[0] == "special")
+                    self.is_byte_fallback.append(False)
+                ids[i] = index[key]
+                self.is_byte_fallback[ids[i]] |= vocab.is_byte_fallback[i]
+            to_union.append(ids)
+        self.size = len(self.token_bytes)
+        self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids]) for ids in to_union]
+        self.from_union = []
+        for vocab, ids in zip(members, to_union):
+            back = torch.full((self.size,), -1, dtype=torch.long)
+            for i, u in enumerate(ids):
+                if u > self.eos:
+                    back[u] = i
+            if vocab.eos_ids:
+                back[self.eos] = vocab.eos_id
+            self.from_union.append(back)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of union ids, always valid: bytes that are not UTF-8 become U+FFFD.
+
+        As the members' own decoders do it: a run of byte-fallback tokens that is not UTF-8 gives
+        one U+FFFD per byte (SentencePiece's ByteFallback); other bytes are decoded leniently, one
+        U+FFFD per maximal invalid sequence (byte-level BPE).
+        """
+        text = []
+        for fallback, group in itertools.groupby(ids, key=self.is_byte_fallback.__getitem__):
+            data = b"".join(self.token_bytes[u] for u in group)
+            if fallback:
+                try:
+                    text.append(data.decode("utf-8"))
+                except UnicodeDecodeError:
+                    text.append("\ufffd" * len(data))
+            else:
+                text.append(data.decode("utf-8", errors="replace"))
+        return "".join(text)
+
+    def scatter(self, probs_m: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of members' next-token distributions in the union.
+
+        probs_m[m]: [B, V_m]; weights: [B, M] -> [B, U]. One vectorised index_add per member.
+        """
+        batch = weights.shape[0]
+        device = weights.device
+        union = torch.zeros(batch, self.size + 1, dtype=torch.float32, device=device)
+        for m, probs in enumerate(probs_m):
+            index = self.to_union[m].to(device)[: probs.shape[-1]]
+            union.index_add_(1, index, probs.to(device, torch.float32) * weights[:, m : m + 1])
+        return union[:, : self.size]
