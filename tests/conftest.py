@@ -1,0 +1,93 @@
+"""Shared fixtures: two tiny local members of different tokenizer families, and tiny harness tasks.
+
+- ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
+- ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
+- ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
+- ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
+
+Everything is built once per session under pytest's tmp dirs, offline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Offline, always: no hub, no dataset downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+_TESTS_DIR = Path(__file__).resolve().parent
+if str(_TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(_TESTS_DIR))
+
+import tiny_models  # noqa: E402
+import tiny_tasks  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_models")
+    tiny_models.build_all(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bpe_member(tiny_models_dir) -> str:
+    return str(tiny_models_dir / "bpe")
+
+
+@pytest.fixture(scope="session")
+def sp_member(tiny_models_dir) -> str:
+    return str(tiny_models_dir / "sp")
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks_dir(tmp_path_factory) -> str:
+    return tiny_tasks.write_tiny_tasks(tmp_path_factory.mktemp("tiny_tasks"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task_manager(tiny_tasks_dir):
+    from lm_eval.tasks import TaskManager
+
+    # include_defaults=False: indexing the harness's ~thousands of built-in tasks takes ~15 s.
+    return TaskManager(include_path=tiny_tasks_dir, include_defaults=False)
+
+
+@pytest.fixture(scope="session")
+def run_eval(tiny_task_manager):
+    """``run_eval(model, model_args, tasks, batch_size=1, **simple_evaluate_kwargs)``.
+
+    Runs ``lm_eval.simple_evaluate`` with ``log_samples=True`` on the tiny tasks and returns
+    ``{task: {doc["id"]: sample}}`` (plus ``"__results__"``: the harness's aggregate results).
+    Memoised per session, so baselines shared between tests run once.
+    """
+    import json
+
+    cache: dict[str, dict] = {}
+
+    def run(model, model_args, tasks, batch_size=1, **kwargs):
+        key = json.dumps([model, model_args, list(tasks), batch_size, kwargs], sort_keys=True, default=str)
+        if key not in cache:
+            import lm_eval
+
+            out = lm_eval.simple_evaluate(
+                model=model,
+                model_args=model_args,
+                tasks=list(tasks),
+                task_manager=tiny_task_manager,
+                log_samples=True,
+                batch_size=batch_size,
+                **kwargs,
+            )
+            by_task = {t: {s["doc"]["id"]: s for s in out["samples"][t]} for t in tasks}
+            by_task["__results__"] = out["results"]
+            cache[key] = by_task
+        return cache[key]
+
+    return run
