@@ -87,94 +87,10 @@ class FusionEngine:
     @torch.no_grad()
     def generate(self, contexts: list[str], decoding: Decoding) -> list[str]:
         """Generate for a batch of contexts; returns the raw texts (stop strings not yet cut)."""
-        batch = len(contexts)
-        streams = [MemberStream(member, batch, hidden=self.policy.needs_hidden) for member in self.members]
-        for member, stream in zip(self.members, streams):
-            stream.feed([self._context_ids(member, context, decoding.max_gen_toks) for context in contexts])
-        rows = [_Row(len(self.members)) for _ in range(batch)]
-        stops = [stop.encode("utf-8") for stop in decoding.until if stop]
-        for step in range(decoding.max_gen_toks):
-            if step % self.span_length == 0:
-                weights = self.policy(self._state(streams, contexts, rows, step // self.span_length)).to(self.device)
-            probs = self.union.scatter([stream.logprobs.exp() for stream in streams], weights)  # [B, U]
-            chosen = self._choose(probs, decoding).cpu()  # [B]
-            own_ids = [self.union.from_union[m][chosen].tolist() for m in range(len(self.members))]  # M x [B]
-            feeds: list[list[list[int]]] = [[[] for _ in range(batch)] for _ in self.members]
-            for r, token in enumerate(chosen.tolist()):
-                row = rows[r]
-                if row.done:
-                    continue
-                if token == self.union.eos:
-                    row.done = True
-                    continue
-                piece = self.union.token_bytes[token]
-                row.text += piece
-                row.tokens.append(token)
-                if piece and _has_stop(row.text, len(piece), stops):
-                    row.done = True
-                    continue
-                for m, stream in enumerate(streams):
-                    feeds[m][r] = self._ids_to_feed(m, stream, r, row.syncs[m], own_ids[m][r], piece)
-            if all(row.done for row in rows) or step == decoding.max_gen_toks - 1:
-                break
-            for stream, feed in zip(streams, feeds):
-                stream.feed(feed)
-        return [self.union.decode(row.tokens) for row in rows]
-
-    def _context_ids(self, member: Member, context: str, max_gen_toks: int) -> list[int]:
-        room = member.max_length - max_gen_toks
-        if room <= 0:
-            raise ValueError(
-                f"max_gen_toks={max_gen_toks} leaves no room for a context in member {member.name!r} "
-                f"(max_length {member.max_length}): lower max_gen_toks"
-            )
-        ids = member.lm.tok_encode(render(member.lm, context), left_truncate_len=room)
-        return ids or [member.lm.prefix_token_id]
-
-    def _ids_to_feed(self, m: int, stream: MemberStream, row: int, sync: _Sync, own: int, piece: bytes) -> list[int]:
-        """Ids that append `piece` to member m's row, re-tokenizing at a word boundary if needed.
-
-        A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
-        brought back to its canonical tokens when the next word starts.
-        """
-        vocab = self.members[m].vocab
-        ids: list[int] = []
-        at_boundary = bool(piece) and piece[0] in _WHITESPACE
-        if at_boundary:
-            if sync.dirty:
-                canonical = vocab.encode_bytes(sync.text)
-                if canonical != sync.fed:
-                    stream.take_back(row, len(sync.fed))
-                    ids += canonical
-            sync.fed, sync.text, sync.dirty = [], b"", False
-        new = [own] if own >= 0 else vocab.encode_bytes(piece)
-        sync.dirty |= own < 0 and bool(piece)
-        sync.fed += new
-        sync.text += piece
-        return ids + new
-
-    def _choose(self, probs: torch.Tensor, decoding: Decoding) -> torch.Tensor:
-        """[B, U] mixture -> [B] union ids: argmax, or a sample after temperature / top-k / top-p."""
-        if not decoding.do_sample or decoding.temperature == 0:
-            return probs.argmax(dim=-1)
-        probs = probs.clamp_min(1e-30).log().div(decoding.temperature).softmax(dim=-1)
-        if decoding.top_k:
-            kth = probs.topk(min(decoding.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
-            probs = probs.masked_fill(probs < kth, 0)
-        if decoding.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # keep the smallest nucleus
-            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0))
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
-
-    def _state(self, streams, contexts, rows, span_index: int) -> PolicyState:
-        return PolicyState(
-            member_logprobs=[stream.logprobs for stream in streams],
-            member_hidden=[stream.states for stream in streams] if self.policy.needs_hidden else None,
-            span_index=torch.full((len(contexts),), span_index),
-            contexts=list(contexts),
-            generated=[self.union.decode(row.tokens) for row in rows],
-        )
+        generation = Generation(self, contexts, decoding)
+        while not generation.done:
+            generation.advance(self.policy(generation.state()), self.span_length)
+        return generation.texts()
 
     # ---------------------------------------------------------------- scoring
 
@@ -276,6 +192,119 @@ class FusionEngine:
             members = [per_member[r] for per_member in scored]
             results.append((_mix_segments(members, weights[r]), float(sum(w for w, s in zip(weights[r], members) if s.greedy)) > 0.5))
         return results
+
+
+class Generation:
+    """A batch of contexts being decoded by the ensemble, one span at a time.
+
+    `FusionEngine.generate` drives it with its policy; an RL environment can drive it with an
+    agent's actions instead: `state()` -> weights -> `advance(weights, span_length)` until `done`.
+    """
+
+    def __init__(self, engine: FusionEngine, contexts: list[str], decoding: Decoding):
+        self.engine, self.union, self.decoding = engine, engine.union, decoding
+        self.contexts = list(contexts)
+        self.streams = [MemberStream(member, len(contexts), hidden=engine.policy.needs_hidden) for member in engine.members]
+        for member, stream in zip(engine.members, self.streams):
+            stream.feed([self._context_ids(member, context) for context in contexts])
+        self.rows = [_Row(len(engine.members)) for _ in contexts]
+        self.stops = [stop.encode("utf-8") for stop in decoding.until if stop]
+        self.steps = 0  # union tokens decoded so far
+        self.spans = 0  # weight decisions taken so far
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.decoding.max_gen_toks or all(row.done for row in self.rows)
+
+    def texts(self) -> list[str]:
+        return [self.union.decode(row.tokens) for row in self.rows]
+
+    def state(self) -> PolicyState:
+        return PolicyState(
+            member_logprobs=[stream.logprobs for stream in self.streams],
+            member_hidden=[stream.states for stream in self.streams] if self.engine.policy.needs_hidden else None,
+            span_index=torch.full((len(self.rows),), self.spans),
+            contexts=self.contexts,
+            generated=self.texts(),
+        )
+
+    @torch.no_grad()
+    def advance(self, weights: torch.Tensor, n_tokens: int) -> None:
+        """Decode up to n_tokens union tokens with weights [B, M]."""
+        weights = weights.to(self.engine.device)
+        self.spans += 1
+        for _ in range(n_tokens):
+            if self.done:
+                return
+            probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], weights)  # [B, U]
+            chosen = self._choose(probs).cpu()  # [B]
+            own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
+            feeds: list[list[list[int]]] = [[[] for _ in self.rows] for _ in self.streams]
+            for r, token in enumerate(chosen.tolist()):
+                row = self.rows[r]
+                if row.done:
+                    continue
+                if token == self.union.eos:
+                    row.done = True
+                    continue
+                piece = self.union.token_bytes[token]
+                row.text += piece
+                row.tokens.append(token)
+                if piece and _has_stop(row.text, len(piece), self.stops):
+                    row.done = True
+                    continue
+                for m, stream in enumerate(self.streams):
+                    feeds[m][r] = self._ids_to_feed(m, r, own_ids[m][r], piece)
+            self.steps += 1
+            if not self.done:  # the members' next distributions are needed only if decoding goes on
+                for stream, feed in zip(self.streams, feeds):
+                    stream.feed(feed)
+
+    def _context_ids(self, member: Member, context: str) -> list[int]:
+        room = member.max_length - self.decoding.max_gen_toks
+        if room <= 0:
+            raise ValueError(
+                f"max_gen_toks={self.decoding.max_gen_toks} leaves no room for a context in member {member.name!r} "
+                f"(max_length {member.max_length}): lower max_gen_toks"
+            )
+        ids = member.lm.tok_encode(render(member.lm, context), left_truncate_len=room)
+        return ids or [member.lm.prefix_token_id]
+
+    def _ids_to_feed(self, m: int, row: int, own: int, piece: bytes) -> list[int]:
+        """Ids that append `piece` to member m's row, re-tokenizing at a word boundary if needed.
+
+        A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
+        brought back to its canonical tokens when the next word starts.
+        """
+        vocab, sync = self.engine.members[m].vocab, self.rows[row].syncs[m]
+        ids: list[int] = []
+        if piece and piece[0] in _WHITESPACE:
+            if sync.dirty:
+                canonical = vocab.encode_bytes(sync.text)
+                if canonical != sync.fed:
+                    self.streams[m].take_back(row, len(sync.fed))
+                    ids += canonical
+            sync.fed, sync.text, sync.dirty = [], b"", False
+        new = [own] if own >= 0 else vocab.encode_bytes(piece)
+        sync.dirty |= own < 0 and bool(piece)
+        sync.fed += new
+        sync.text += piece
+        return ids + new
+
+    def _choose(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, U] mixture -> [B] union ids: argmax, or a sample after temperature / top-k / top-p."""
+        decoding = self.decoding
+        if not decoding.do_sample or decoding.temperature == 0:
+            return probs.argmax(dim=-1)
+        probs = probs.clamp_min(1e-30).log().div(decoding.temperature).softmax(dim=-1)
+        if decoding.top_k:
+            kth = probs.topk(min(decoding.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0)
+        if decoding.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # keep the smallest nucleus
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0))
+        return torch.multinomial(probs, 1, generator=self.engine.generator)[:, 0]
 
 
 def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:

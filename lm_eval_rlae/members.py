@@ -153,6 +153,7 @@ class MemberStream:
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, T] over cache slots
         self.next_pos = torch.zeros(batch, dtype=torch.long)  # [B] position of the next real token
         self.slots: list[list[int]] = [[] for _ in range(batch)]  # cache slot of every live token
+        self.ids: list[list[int]] = [[] for _ in range(batch)]  # the live tokens themselves
         self.logprobs: torch.Tensor | None = None  # [B, V] next-token log-probs of each row
         self.states: torch.Tensor | None = None  # [B, H] final hidden state at each row's last token
 
@@ -161,6 +162,7 @@ class MemberStream:
         if n:
             gone = self.slots[row][-n:]
             del self.slots[row][-n:]
+            del self.ids[row][-n:]
             self.mask[row, gone] = 0
             self.next_pos[row] -= n
 
@@ -175,6 +177,7 @@ class MemberStream:
         for row, ids in enumerate(ids_per_row):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             self.slots[row].extend(range(start, start + len(ids)))
+            self.ids[row].extend(ids)
         new_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # [B, W]
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         position_ids = self.next_pos[:, None] + torch.arange(width)[None, :]
