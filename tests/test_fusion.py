@@ -1,0 +1,144 @@
+"""The fusion engine's own invariants, on the two tiny members of different tokenizer families."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lm_eval_rlae.fusion import Decoding, FusionEngine, Generation, _mix_segments, _Scored
+from lm_eval_rlae.members import Member, MemberSpec
+from lm_eval_rlae.policies import FixedPolicy, UniformPolicy, WeightPolicy
+
+CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
+
+
+@pytest.fixture(scope="module")
+def members(bpe_member, sp_member):
+    return [Member(MemberSpec.parse(path, {"device": "cpu"})) for path in (bpe_member, sp_member)]
+
+
+def _generation(members, policy, contexts=CONTEXTS, max_gen_toks=24, span_length=4, **decoding):
+    engine = FusionEngine(members, policy, span_length=span_length)
+    generation = Generation(engine, contexts, Decoding(until=[], max_gen_toks=max_gen_toks, **decoding))
+    while not generation.done:
+        generation.advance(policy(generation.state()), span_length)
+    return generation
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+def test_every_member_holds_the_generated_text(members, weights):
+    """Each member's live ids spell its context then exactly the text generated so far."""
+    generation = _generation(members, FixedPolicy(weights))
+    for member, stream in zip(members, generation.streams):
+        for r, (context, row) in enumerate(zip(CONTEXTS, generation.rows)):
+            context_bytes = member.vocab.decode_bytes(generation._context_ids(member, context))
+            live = member.vocab.decode_bytes(stream.ids[r])
+            assert row.tokens, "nothing was generated"
+            last = generation.union.token_bytes[row.tokens[-1]]
+            # the last piece is fed only if decoding went on after it
+            assert live in (context_bytes + row.text, context_bytes + row.text[: len(row.text) - len(last)])
+
+
+def test_member_fed_foreign_tokens_is_retokenized_at_word_boundaries(members):
+    """With the BPE member driving, the SP member's ids for each finished word are its own
+    canonical tokens of that word whenever it had to be fed a re-encoding inside the word."""
+    generation = _generation(members, FixedPolicy([1.0, 0.0]), max_gen_toks=32)
+    sp, union = members[1], generation.union
+    resynced = 0
+    for r, (context, row) in enumerate(zip(CONTEXTS, generation.rows)):
+        words, current = [], []  # finished words, as union ids; a word starts at a whitespace piece
+        for token in row.tokens:
+            piece = union.token_bytes[token]
+            if piece[:1].isspace() and current:
+                words.append(current)
+                current = []
+            current.append(token)
+        expected = []
+        for word in words:
+            own = union.from_union[1][word].tolist()
+            if min(own) >= 0:
+                expected += own
+            else:
+                expected += sp.vocab.encode_bytes(b"".join(union.token_bytes[t] for t in word))
+                resynced += 1
+        n_context = len(generation._context_ids(sp, context))
+        assert generation.streams[1].ids[r][n_context : n_context + len(expected)] == expected
+    assert resynced > 0, "the scenario never fed the SP member a foreign token; the test proves nothing"
+
+
+def test_one_member_is_never_retokenized(members):
+    generation = _generation(members[:1], UniformPolicy(1))
+    union = generation.union
+    for r, (context, row) in enumerate(zip(CONTEXTS, generation.rows)):
+        n_context = len(generation._context_ids(members[0], context))
+        own = union.from_union[0][row.tokens].tolist()
+        fed = generation.streams[0].ids[r][n_context:]
+        assert fed == own[: len(fed)] and len(fed) >= len(own) - 1
+
+
+class _CountingPolicy(WeightPolicy):
+    def __init__(self):
+        super().__init__(2)
+        self.spans = []
+
+    def weights(self, state):
+        self.spans.append(state.span_index.tolist())
+        assert len(state.member_logprobs) == 2 and state.member_logprobs[1].shape[0] == state.batch_size
+        return torch.ones(state.batch_size, 2)
+
+
+@pytest.mark.parametrize("span_length", [1, 4, 7])
+def test_policy_is_called_once_per_span(members, span_length):
+    policy = _CountingPolicy()
+    generation = _generation(members, policy, max_gen_toks=12, span_length=span_length)
+    assert len(policy.spans) == math.ceil(generation.steps / span_length)
+    assert [spans[0] for spans in policy.spans] == list(range(len(policy.spans)))
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(members):
+    greedy = _generation(members, UniformPolicy(2)).texts()
+    assert _generation(members, UniformPolicy(2), do_sample=True, temperature=1.0, top_k=1).texts() == greedy
+    first = _generation(members, UniformPolicy(2), do_sample=True, temperature=1.5, top_p=0.9).texts()
+    again = _generation(members, UniformPolicy(2), do_sample=True, temperature=1.5, top_p=0.9).texts()
+    assert first == again
+    assert first != greedy
+
+
+def test_long_context_is_left_truncated_to_the_member_window(bpe_member):
+    member = Member(MemberSpec.parse({"pretrained": bpe_member, "max_length": 48}, {"device": "cpu"}))
+    context = "one two three four five six seven eight nine ten " * 10
+    generation = _generation([member], UniformPolicy(1), contexts=[context], max_gen_toks=16)
+    assert generation.streams[0].ids[0][:32] == member.lm.tok_encode(context)[-32:]
+    assert generation.steps > 0
+
+
+def test_chat_is_rendered_by_each_member_with_its_own_template(members):
+    from lm_eval_rlae.chat import encode_chat
+
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    context = encode_chat(messages, add_generation_prompt=True)
+    generation = _generation(members, UniformPolicy(2), contexts=[context], max_gen_toks=2)
+    rendered = [member.lm.apply_chat_template(messages, add_generation_prompt=True) for member in members]
+    assert rendered[0] != rendered[1], "the tiny members should have different chat templates"
+    for member, text in zip(members, rendered):
+        assert generation._context_ids(member, context) == member.lm.tok_encode(text)
+
+
+def _scored(lengths, logprobs):
+    return _Scored(np.array(logprobs, dtype=float), np.array(lengths), True, torch.zeros(1), None)
+
+
+def test_segments_are_cut_where_every_member_has_a_boundary():
+    # "abcd": A = [ab][cd], B = [ab][c][d]: segments "ab" and "cd"
+    a, b = _scored([2, 2], [-1.0, -2.0]), _scored([2, 1, 1], [-0.5, -1.0, -1.5])
+    w = np.array([0.25, 0.75])
+    expected = math.log(0.25 * math.exp(-1.0) + 0.75 * math.exp(-0.5)) + math.log(0.25 * math.exp(-2.0) + 0.75 * math.exp(-2.5))
+    assert _mix_segments([a, b], w) == pytest.approx(expected, abs=1e-12)
+    # A = [a][bcd], B = [ab][cd]: no common inner boundary, one segment
+    a = _scored([1, 3], [-1.0, -2.0])
+    assert _mix_segments([a, b], w) == pytest.approx(math.log(0.25 * math.exp(-3.0) + 0.75 * math.exp(-3.0)), abs=1e-12)
+    # one-hot weights give that member's own sum exactly
+    assert _mix_segments([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
