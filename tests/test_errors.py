@@ -1,0 +1,131 @@
+"""Bad configurations and unsupported requests fail with a ValueError that names the problem and
+says what to change."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+MISSING = "/nonexistent/rlae-test/no-such-model"
+HUB_ID = "rlae-test-no-such-org/no-such-model-xyz"
+
+
+def rlae_class():
+    from lm_eval.api.registry import get_model
+
+    return get_model("rlae")
+
+
+@pytest.fixture(scope="module")
+def one_member_lm(bpe_member):
+    return rlae_class()(members=[bpe_member], device="cpu")
+
+
+@pytest.mark.parametrize("members", [None, [], "[]", ""])
+def test_no_members(members):
+    with pytest.raises(ValueError, match=r"(?i)members"):
+        rlae_class()(members=members, device="cpu")
+
+
+def test_no_members_from_arg_string():
+    with pytest.raises(ValueError, match=r"(?i)members"):
+        rlae_class().create_from_arg_string("weights=uniform", {"device": "cpu"})
+
+
+@pytest.mark.parametrize("name", [MISSING, HUB_ID])
+def test_unknown_member(bpe_member, name):
+    with pytest.raises(ValueError) as info:
+        rlae_class()(members=[bpe_member, name], device="cpu")
+    message = str(info.value)
+    assert name in message, message  # names the member at fault
+    assert "members" in message  # and where to fix it
+
+
+def test_unknown_member_from_the_command_line_form(bpe_member):
+    with pytest.raises(ValueError, match=MISSING.replace("/", r"\/")):
+        rlae_class().create_from_arg_string(f"members=[{bpe_member},{MISSING}]", {"device": "cpu"})
+
+
+@pytest.mark.parametrize("weights", [[1.0], [0.2, 0.3, 0.5], "[1]", "[0.2,0.3,0.5]"])
+def test_weights_of_the_wrong_length(bpe_member, sp_member, weights):
+    with pytest.raises(ValueError) as info:
+        rlae_class()(members=[bpe_member, sp_member], weights=weights, device="cpu")
+    message = str(info.value)
+    assert "weight" in message and "2" in message and "member" in message, message
+
+
+@pytest.mark.parametrize("weights", [[-1.0, 2.0], "[0.5,-0.5]"])
+def test_negative_weights(bpe_member, sp_member, weights):
+    with pytest.raises(ValueError, match=r"(?i)weight.*(negative|>= ?0|non-negative)"):
+        rlae_class()(members=[bpe_member, sp_member], weights=weights, device="cpu")
+
+
+@pytest.mark.parametrize("weights", [[0, 0], "[0,0]", [0.0, 0.0]])
+def test_weights_summing_to_zero(bpe_member, sp_member, weights):
+    with pytest.raises(ValueError, match=r"(?i)weight.*(zero|sum|positive)"):
+        rlae_class()(members=[bpe_member, sp_member], weights=weights, device="cpu")
+
+
+@pytest.mark.parametrize("weights", ["bogus", "[a,b]", [float("nan"), 1.0], [float("inf"), 1.0]])
+def test_weights_that_are_not_numbers(bpe_member, sp_member, weights):
+    with pytest.raises(ValueError, match=r"(?i)weight"):
+        rlae_class()(members=[bpe_member, sp_member], weights=weights, device="cpu")
+
+
+@pytest.mark.parametrize("span_length", [0, -3, "0"])
+def test_span_length_below_one(bpe_member, span_length):
+    with pytest.raises(ValueError, match=r"span_length"):
+        rlae_class()(members=[bpe_member], span_length=span_length, device="cpu")
+
+
+def test_span_length_from_arg_string(bpe_member):
+    with pytest.raises(ValueError, match=r"span_length"):
+        rlae_class().create_from_arg_string(f"members=[{bpe_member}],span_length=0", {"device": "cpu"})
+
+
+def test_configuration_errors_come_before_loading_any_model():
+    """A typo in weights must not cost a (possibly huge) model load first: with members that do not
+    exist, the weights error is what is reported, and at once."""
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"(?i)weight"):
+        rlae_class()(members=[MISSING, MISSING + "2"], weights=[1.0], device="cpu")
+    with pytest.raises(ValueError, match=r"span_length"):
+        rlae_class()(members=[MISSING], span_length=0, device="cpu")
+    assert time.monotonic() - start < 5
+
+
+def _instance(request_type, arguments):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=request_type, doc={}, arguments=arguments, idx=0, metadata=("tiny_mm", 0, 1))
+
+
+def test_multimodal_generation_request_is_refused(one_member_lm):
+    request = _instance("generate_until", ("Q: 1+1=\nA:", {"until": ["\n"], "max_gen_toks": 4}, {"visual": ["<image>"]}))
+    with pytest.raises(ValueError, match=r"(?i)(image|text-only|multimodal)"):
+        one_member_lm.generate_until([request])
+
+
+def test_multimodal_loglikelihood_request_is_refused(one_member_lm):
+    request = _instance("loglikelihood", ("Q: 1+1=\nA:", " 2", {"visual": ["<image>"]}))
+    with pytest.raises(ValueError, match=r"(?i)(image|text-only|multimodal)"):
+        one_member_lm.loglikelihood([request])
+
+
+def test_unsupported_generation_arguments_are_named(one_member_lm):
+    request = _instance("generate_until", ("Q: 1+1=\nA:", {"until": ["\n"], "max_gen_toks": 4, "num_beams": 4}))
+    with pytest.raises(ValueError, match=r"num_beams"):
+        one_member_lm.generate_until([request])
+
+
+def test_max_gen_toks_longer_than_the_member_context(one_member_lm):
+    request = _instance("generate_until", ("Q: 1+1=\nA:", {"until": ["\n"], "max_gen_toks": 100_000}))
+    with pytest.raises(ValueError, match=r"max_gen_toks"):
+        one_member_lm.generate_until([request])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_batch_size_below_one(bpe_member, batch_size):
+    with pytest.raises(ValueError, match=r"batch_size"):
+        rlae_class()(members=[bpe_member], batch_size=batch_size, device="cpu")

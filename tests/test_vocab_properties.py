@@ -1,0 +1,306 @@
+"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.vocab`) on both tiny tokenizer families.
+
+MemberVocab: every id maps to the exact bytes it adds to the text; any byte string (partial UTF-8
+included) can be fed to a member. UnionVocab: every member token has a union id with identical
+bytes and a way back; all end-of-sequence tokens are one union id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import text_strategies
+
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KINDS = ["bpe", "sp"]
+PAD_ROWS = 13  # extra logit rows past the tokenizer, as models with padded embeddings have
+
+
+def _text_for(kind: str, t: str) -> str:
+    # SentencePiece's normalizer maps a literal U+2581 to a space (Gemma does the same): such text
+    # is not representable byte-exactly by that member's canonical tokens.
+    return t.replace("▁", "_") if kind == "sp" else t
+
+
+@pytest.fixture(scope="module")
+def tokenizers(bpe_member, sp_member):
+    from transformers import AutoTokenizer
+
+    return {"bpe": AutoTokenizer.from_pretrained(bpe_member), "sp": AutoTokenizer.from_pretrained(sp_member)}
+
+
+@pytest.fixture(scope="module")
+def vocabs(tokenizers):
+    from lm_eval_rlae.vocab import MemberVocab
+
+    return {k: MemberVocab.from_tokenizer(tok, vocab_size=None) for k, tok in tokenizers.items()}
+
+
+@pytest.fixture(scope="module")
+def padded_vocabs(tokenizers):
+    from lm_eval_rlae.vocab import MemberVocab
+
+    return {k: MemberVocab.from_tokenizer(tok, vocab_size=len(tok) + PAD_ROWS) for k, tok in tokenizers.items()}
+
+
+@pytest.fixture(scope="module", params=["plain", "padded"])
+def union(request, vocabs, padded_vocabs):
+    from lm_eval_rlae.vocab import UnionVocab
+
+    mvs = vocabs if request.param == "plain" else padded_vocabs
+    members = [mvs["bpe"], mvs["sp"]]
+    return UnionVocab(members), members
+
+
+# ------------------------------------------------------------------------------- MemberVocab
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_canonical_ids_map_to_the_exact_text_bytes(tokenizers, vocabs, kind):
+    tok, mv = tokenizers[kind], vocabs[kind]
+
+    @PROPERTY
+    @given(text_strategies.text)
+    def check(t):
+        t = _text_for(kind, t)
+        ids = tok.encode(t, add_special_tokens=False)
+        assert b"".join(mv.token_bytes[i] for i in ids) == t.encode("utf-8")
+
+    check()
+
+
+any_bytes = st.one_of(
+    st.binary(max_size=48),
+    text_strategies.text.map(lambda t: t.encode("utf-8")),
+    # partial UTF-8: valid text cut anywhere, possibly inside a multi-byte character
+    st.tuples(text_strategies.text, st.integers(0, 64), st.integers(0, 64)).map(
+        lambda x: x[0].encode("utf-8")[x[1] : x[1] + x[2]]
+    ),
+    st.lists(st.sampled_from([b"\xf0\x9f", b"\x98\x80", b"\xe4\xbd", b"\xa0", b" ", b"\n", b"\xff", b"\x00", b"ab"]), max_size=12).map(b"".join),
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_bytes_is_byte_exact_for_any_bytes(vocabs, padded_vocabs, kind):
+    for mv in (vocabs[kind], padded_vocabs[kind]):
+
+        @PROPERTY
+        @given(any_bytes)
+        def check(data):
+            ids = mv.encode_bytes(data)
+            assert all(isinstance(i, int) and 0 <= i < len(mv.token_bytes) for i in ids)
+            assert b"".join(mv.token_bytes[i] for i in ids) == data
+            assert not any(mv.is_special[i] for i in ids), "encode_bytes must not produce special tokens"
+
+        check()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_bytes_gives_the_canonical_tokens_of_valid_text(tokenizers, vocabs, kind):
+    """On valid UTF-8 the re-encoding is the member's own tokenization (what re-sync relies on)."""
+    tok, mv = tokenizers[kind], vocabs[kind]
+
+    @PROPERTY
+    @given(text_strategies.text)
+    def check(t):
+        t = _text_for(kind, t)
+        assert mv.encode_bytes(t.encode("utf-8")) == tok.encode(t, add_special_tokens=False)
+
+    check()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_tokens_stand_for_no_text(tokenizers, vocabs, kind):
+    tok, mv = tokenizers[kind], vocabs[kind]
+    assert len(mv.token_bytes) == len(mv.is_special) == len(tok)
+    names = {"bpe": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+             "sp": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]}[kind]
+    for name in names:
+        i = tok.convert_tokens_to_ids(name)
+        assert mv.is_special[i], name
+        assert mv.token_bytes[i] == b"", name
+    assert tok.eos_token_id in mv.eos_ids
+    assert all(mv.is_special[i] for i in mv.eos_ids)
+    special_ids = {tok.convert_tokens_to_ids(n) for n in names}
+    for piece, i in tok.get_vocab().items():
+        if i not in special_ids:
+            assert not mv.is_special[i], piece
+            assert mv.token_bytes[i], f"regular token {piece!r} stands for no bytes"
+
+
+def test_token_bytes_of_both_families(tokenizers, vocabs):
+    bpe, sp = tokenizers["bpe"], tokenizers["sp"]
+    # byte-level: "Ġ" is a space, "Ċ" a newline, and each of the 256 alphabet characters one byte
+    from tokenizers import pre_tokenizers
+
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        i = bpe.convert_tokens_to_ids(ch)
+        assert len(vocabs["bpe"].token_bytes[i]) == 1
+    assert sorted(vocabs["bpe"].token_bytes[bpe.convert_tokens_to_ids(c)] for c in pre_tokenizers.ByteLevel.alphabet()) == [
+        bytes([b]) for b in range(256)
+    ]
+    assert vocabs["bpe"].token_bytes[bpe.convert_tokens_to_ids("Ġ")] == b" "
+    assert vocabs["bpe"].token_bytes[bpe.convert_tokens_to_ids("Ċ")] == b"\n"
+    # SentencePiece: "▁" is a space, "<0xNN>" the raw byte NN
+    for b in range(256):
+        i = sp.convert_tokens_to_ids(f"<0x{b:02X}>")
+        assert vocabs["sp"].token_bytes[i] == bytes([b])
+        assert not vocabs["sp"].is_special[i]
+    assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids("▁")] == b" "
+    word = next(p for p in sp.get_vocab() if p.startswith("▁") and len(p) > 2 and p[1:].isalpha())
+    assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids(word)] == (" " + word[1:]).encode()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_logit_rows_stand_for_nothing(tokenizers, padded_vocabs, kind):
+    tok, mv = tokenizers[kind], padded_vocabs[kind]
+    assert len(mv.token_bytes) == len(mv.is_special) == len(tok) + PAD_ROWS
+    for i in range(len(tok), len(tok) + PAD_ROWS):
+        assert mv.token_bytes[i] == b""
+        assert mv.is_special[i]
+        assert i not in mv.eos_ids
+
+
+# ------------------------------------------------------------------------------- UnionVocab
+
+
+def test_every_member_token_has_a_union_id_with_the_same_bytes_and_a_way_back(union):
+    uv, members = union
+    assert len(uv.token_bytes) == uv.size
+    for m, mv in enumerate(members):
+        to_u, from_u = uv.to_union[m], uv.from_union[m]
+        assert tuple(to_u.shape) == (len(mv.token_bytes),)
+        assert tuple(from_u.shape) == (uv.size,)
+        assert to_u.dtype == torch.long and from_u.dtype == torch.long
+        for i, b in enumerate(mv.token_bytes):
+            if mv.is_special[i]:
+                continue
+            u = int(to_u[i])
+            assert 0 <= u < uv.size
+            assert uv.token_bytes[u] == b, (m, i)
+            back = int(from_u[u])
+            assert back >= 0 and mv.token_bytes[back] == b, (m, i, u, back)
+        # from_union: -1, or an id of the member with exactly the union token's bytes
+        for u in range(uv.size):
+            back = int(from_u[u])
+            assert -1 <= back < len(mv.token_bytes)
+            if back >= 0 and u != uv.eos:
+                assert mv.token_bytes[back] == uv.token_bytes[u], (m, u, back)
+
+
+def test_tokens_with_the_same_bytes_share_a_union_id_across_members(union):
+    """The union id for some bytes that both members can spell with one token is shared:
+    the lowest union id with those bytes maps back into every member that has such a token."""
+    uv, members = union
+    first: dict[bytes, int] = {}
+    for u, b in enumerate(uv.token_bytes):
+        if not uv_is_special(uv, u):
+            first.setdefault(b, u)
+    regular = [{x for i, x in enumerate(mv.token_bytes) if not mv.is_special[i]} for mv in members]
+    shared = 0
+    for b, u in first.items():
+        owners = [m for m in range(len(members)) if b in regular[m]]
+        for m in owners:
+            back = int(uv.from_union[m][u])
+            assert back >= 0 and members[m].token_bytes[back] == b, (b, m)
+        shared += len(owners) == 2
+    assert shared >= 256  # at least every single byte is shared by the two families
+
+
+def uv_is_special(uv, u) -> bool:
+    return u == uv.eos or uv.token_bytes[u] == b""
+
+
+def test_all_eos_tokens_map_to_the_union_eos(union, tokenizers):
+    uv, members = union
+    assert 0 <= uv.eos < uv.size
+    assert uv.token_bytes[uv.eos] == b""
+    for m, mv in enumerate(members):
+        assert mv.eos_ids
+        for e in mv.eos_ids:
+            assert int(uv.to_union[m][e]) == uv.eos
+        assert int(uv.from_union[m][uv.eos]) in mv.eos_ids
+    assert tokenizers["bpe"].eos_token_id in members[0].eos_ids
+    assert tokenizers["sp"].eos_token_id in members[1].eos_ids
+
+
+def test_union_bytes_are_unique_up_to_a_members_own_duplicates(union):
+    """Non-special union entries are distinct byte strings, except that a member with several
+    tokens for the same bytes (SentencePiece "A" and its byte-fallback twin "<0x41>") may keep
+    them apart: a byte string appears in the union at most as often as in the member that has it
+    most often."""
+    uv, members = union
+    in_union = Counter(b for u, b in enumerate(uv.token_bytes) if not uv_is_special(uv, u))
+    per_member = [Counter(b for i, b in enumerate(mv.token_bytes) if not mv.is_special[i]) for mv in members]
+    for b, n in in_union.items():
+        assert n <= max(c[b] for c in per_member), (b, n)
+    # and nothing is in the union that no member has
+    assert set(in_union) == set().union(*per_member)
+    assert len(in_union) >= max(len(c) for c in per_member)
+
+
+def test_a_single_member_union_is_one_to_one(vocabs):
+    from lm_eval_rlae.vocab import UnionVocab
+
+    for kind, mv in vocabs.items():
+        uv = UnionVocab([mv])
+        regular = [i for i in range(len(mv.token_bytes)) if not mv.is_special[i]]
+        us = uv.to_union[0][regular]
+        assert len(set(us.tolist())) == len(regular), kind
+        assert uv.from_union[0][us].tolist() == regular, kind
+        # two copies of a member: the same union
+        uv2 = UnionVocab([mv, mv])
+        assert uv2.size == uv.size
+        assert torch.equal(uv2.to_union[0], uv2.to_union[1])
+
+
+def test_union_ids_of_canonical_tokens_decode_to_the_text(union, tokenizers):
+    uv, members = union
+
+    @PROPERTY
+    @given(text_strategies.text)
+    def check(t):
+        for m, kind in enumerate(KINDS):
+            tt = _text_for(kind, t)
+            ids = tokenizers[kind].encode(tt, add_special_tokens=False)
+            us = uv.to_union[m][ids].tolist() if ids else []
+            assert b"".join(uv.token_bytes[u] for u in us) == tt.encode("utf-8")
+            assert uv.decode(us) == tt
+
+    check()
+
+
+def test_union_decode_is_always_valid_text(union):
+    uv, _ = union
+
+    @PROPERTY
+    @given(st.lists(st.integers(0, uv.size - 1), max_size=24))
+    def check(us):
+        text = uv.decode(us)
+        assert isinstance(text, str)
+        text.encode("utf-8")  # no lone surrogates
+
+    check()
+
+
+def test_scatter_conserves_probability_and_is_identity_for_one_member(vocabs):
+    from lm_eval_rlae.vocab import UnionVocab
+
+    gen = torch.Generator().manual_seed(0)
+    mvs = [vocabs["bpe"], vocabs["sp"]]
+    uv = UnionVocab(mvs)
+    probs = [torch.rand(3, len(mv.token_bytes), generator=gen).softmax(-1) for mv in mvs]
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]])
+    mixed = uv.scatter(probs, weights)
+    assert tuple(mixed.shape) == (3, uv.size)
+    torch.testing.assert_close(mixed.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+    # one-hot weights: the member's own distribution, moved to union ids
+    torch.testing.assert_close(mixed[1, uv.to_union[0]], probs[0][1], atol=1e-6, rtol=0)
+    one = UnionVocab([mvs[1]])
+    single = one.scatter([probs[1]], torch.ones(3, 1))
+    torch.testing.assert_close(single[:, one.to_union[0]], probs[1], atol=1e-6, rtol=0)
