@@ -78,8 +78,8 @@ class FusionEngine:
         self.members = members
         self.policy = policy
         self.span_length = span_length
-        self.union = UnionVocab([member.vocab for member in members])
-        self.device = members[0].device
+        self.device = members[0].device  # where the members' distributions are fused
+        self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     # ---------------------------------------------------------------- generation

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +33,15 @@ class MemberSpec:
 
     @classmethod
     def parse(cls, entry, defaults: dict) -> MemberSpec:
-        """entry: a model name / path, or a dict with `pretrained` and per-member options."""
+        """entry: a model name / path / path to a .gguf file, or a dict with `pretrained` and per-member options."""
         options = dict(defaults)
         if isinstance(entry, dict):
             options |= entry
         else:
             options["pretrained"] = str(entry).strip().strip("'\"")
+        pretrained = options.get("pretrained")
+        if pretrained and pretrained.endswith(".gguf") and os.path.isfile(pretrained) and not options.get("gguf_file"):
+            options["pretrained"], options["gguf_file"] = os.path.split(os.path.abspath(pretrained))  # a path to a GGUF file
         if not options.get("pretrained"):
             raise ValueError(f"member {entry!r} has no model: give a hub id, a local path, a preset name or a dict with 'pretrained'")
         known = {k: options.pop(k) for k in ("pretrained", "device", "dtype", "gguf_file", "trust_remote_code") if k in options}

@@ -204,7 +204,7 @@ class UnionVocab:
 
     eos = 0
 
-    def __init__(self, members: list[MemberVocab]):
+    def __init__(self, members: list[MemberVocab], device: torch.device | str = "cpu"):
         index: dict[object, int] = {"<eos>": self.eos}
         self.token_bytes: list[bytes] = [b""]
         self.is_special: list[bool] = [True]
@@ -236,7 +236,7 @@ class UnionVocab:
                 self.is_byte_fallback[ids[i]] |= vocab.is_byte_fallback[i]
             to_union.append(ids)
         self.size = len(self.token_bytes)
-        self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids]) for ids in to_union]
+        self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids], device=device) for ids in to_union]
         self.from_union = []
         for vocab, ids in zip(members, to_union):
             back = torch.full((self.size,), -1, dtype=torch.long)
@@ -271,10 +271,9 @@ class UnionVocab:
 
         probs_m[m]: [B, V_m]; weights: [B, M] -> [B, U]. One vectorised index_add per member.
         """
-        batch = weights.shape[0]
-        device = weights.device
-        union = torch.zeros(batch, self.size + 1, dtype=torch.float32, device=device)
+        device = self.to_union[0].device
+        union = torch.zeros(weights.shape[0], self.size + 1, dtype=torch.float32, device=device)
+        weights = weights.to(device)
         for m, probs in enumerate(probs_m):
-            index = self.to_union[m].to(device)[: probs.shape[-1]]
-            union.index_add_(1, index, probs.to(device, torch.float32) * weights[:, m : m + 1])
+            union.index_add_(1, self.to_union[m][: probs.shape[-1]], probs.to(device, torch.float32) * weights[:, m : m + 1])
         return union[:, : self.size]
