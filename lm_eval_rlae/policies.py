@@ -8,6 +8,7 @@ implement the same interface.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,9 @@ def make_policy(weights, n_members: int) -> WeightPolicy:
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise ValueError(f"weights={weights!r}: use `uniform` or a list of numbers, one per member, e.g. weights=[0.5,0.5]") from None
+        values = [math.nan]
+    if not all(map(math.isfinite, values)):
+        raise ValueError(f"weights={weights!r}: use `uniform` or a list of finite numbers, one per member, e.g. weights=[0.5,0.5]")
     if len(values) != n_members:
         raise ValueError(f"weights={weights!r} has {len(values)} values but there are {n_members} members: give one weight per member")
     if any(v < 0 for v in values):
