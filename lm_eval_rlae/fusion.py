@@ -55,6 +55,7 @@ class _Row:
     n_members: int
     text: bytes = b""
     tokens: list[int] = field(default_factory=list)  # union ids generated
+    pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their bytes, and whether byte fallback
     done: bool = False
     syncs: list[_Sync] = field(init=False)
 
@@ -217,7 +218,7 @@ class Generation:
         return self.steps >= self.decoding.max_gen_toks or all(row.done for row in self.rows)
 
     def texts(self) -> list[str]:
-        return [self.union.decode(row.tokens) for row in self.rows]
+        return [self.union.decode(row.pieces) for row in self.rows]
 
     def state(self) -> PolicyState:
         return PolicyState(
@@ -239,6 +240,7 @@ class Generation:
             probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], weights)  # [B, U]
             chosen = self._choose(probs).cpu()  # [B]
             own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
+            proposer = self._proposer(weights, own_ids)
             feeds: list[list[list[int]]] = [[[] for _ in self.rows] for _ in self.streams]
             for r, token in enumerate(chosen.tolist()):
                 row = self.rows[r]
@@ -250,6 +252,8 @@ class Generation:
                 piece = self.union.token_bytes[token]
                 row.text += piece
                 row.tokens.append(token)
+                m = proposer[r]
+                row.pieces.append((piece, self.engine.members[m].vocab.is_byte_fallback[own_ids[m][r]]))
                 if piece and _has_stop(row.text, len(piece), self.stops):
                     row.done = True
                     continue
@@ -259,6 +263,16 @@ class Generation:
             if not self.done:  # the members' next distributions are needed only if decoding goes on
                 for stream, feed in zip(self.streams, feeds):
                     stream.feed(feed)
+
+    def _proposer(self, weights: torch.Tensor, own_ids: list[list[int]]) -> list[int]:
+        """For each row, the member that gave the chosen token most of its weighted probability:
+        the text is decoded as that member's own decoder would decode it."""
+        contributions = []
+        for stream, ids, w in zip(self.streams, own_ids, weights.T):
+            ids = torch.tensor(ids, device=stream.logprobs.device)
+            p = stream.logprobs.gather(1, ids.clamp(min=0)[:, None])[:, 0].exp().masked_fill(ids < 0, 0)
+            contributions.append(p.to(w.device) * w)
+        return torch.stack(contributions).argmax(dim=0).tolist()
 
     def _context_ids(self, member: Member, context: str) -> list[int]:
         room = member.max_length - self.decoding.max_gen_toks

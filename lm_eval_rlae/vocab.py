@@ -208,7 +208,6 @@ class UnionVocab:
         index: dict[object, int] = {"<eos>": self.eos}
         self.token_bytes: list[bytes] = [b""]
         self.is_special: list[bool] = [True]
-        self.is_byte_fallback: list[bool] = [False]
         to_union = []
         for vocab in members:
             ids = [-1] * len(vocab.token_bytes)  # -1: an embedding row the tokenizer does not know
@@ -231,9 +230,7 @@ class UnionVocab:
                     index[key] = len(self.token_bytes)
                     self.token_bytes.append(b"" if isinstance(key, str) or key[0] == "special" else b)
                     self.is_special.append(isinstance(key, str) or key[0] == "special")
-                    self.is_byte_fallback.append(False)
                 ids[i] = index[key]
-                self.is_byte_fallback[ids[i]] |= vocab.is_byte_fallback[i]
             to_union.append(ids)
         self.size = len(self.token_bytes)
         self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids], device=device) for ids in to_union]
@@ -247,16 +244,17 @@ class UnionVocab:
                 back[self.eos] = vocab.eos_id
             self.from_union.append(back)
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of union ids, always valid: bytes that are not UTF-8 become U+FFFD.
-
-        As the members' own decoders do it: a run of byte-fallback tokens that is not UTF-8 gives
-        one U+FFFD per byte (SentencePiece's ByteFallback); other bytes are decoded leniently, one
-        U+FFFD per maximal invalid sequence (byte-level BPE).
+    @staticmethod
+    def decode(pieces: list[tuple[bytes, bool]]) -> str:
+        """Text of generated pieces (bytes, whether the member that chose it has it as a byte-fallback
+        token), always valid: bytes that are not UTF-8 become U+FFFD, as the members' own decoders do
+        it. A run of byte-fallback pieces that is not UTF-8 gives one U+FFFD per byte (SentencePiece's
+        ByteFallback); other bytes are decoded leniently, one U+FFFD per maximal invalid sequence
+        (byte-level BPE).
         """
         text = []
-        for fallback, group in itertools.groupby(ids, key=self.is_byte_fallback.__getitem__):
-            data = b"".join(self.token_bytes[u] for u in group)
+        for fallback, group in itertools.groupby(pieces, key=lambda piece: piece[1]):
+            data = b"".join(piece for piece, _ in group)
             if fallback:
                 try:
                     text.append(data.decode("utf-8"))
