@@ -23,6 +23,7 @@ from lm_eval_rlae.policies import PolicyState, WeightPolicy
 from lm_eval_rlae.vocab import UnionVocab
 
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+_MAX_LOGITS = 2**28  # float32 scores held at once when scoring: 1 GiB
 
 
 @dataclass
@@ -125,15 +126,33 @@ class FusionEngine:
         return [logprob for logprob, _ in self._mix(scored, ["" for _ in strings])]
 
     def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[_Scored]:
-        """Score each request, given as one or more (context ids, continuation ids) windows.
-
-        All windows go through the member in one right-padded batch, as lm-eval's HFLM does,
-        with logits only at the continuation positions.
-        """
+        """Score each request, given as one or more (context ids, continuation ids) windows."""
         windows = [window for request in requests for window in request]
+        scored = []  # per window: (token log-probs, greedy, decision log-probs, decision hidden)
+        for group in _groups(windows, max_positions=_MAX_LOGITS // len(member.vocab.token_bytes)):
+            scored += self._score_windows(member, group)
+        token_lengths = member.vocab.token_lengths
+        out, w = [], 0
+        for request in requests:
+            parts = scored[w : w + len(request)]
+            out.append(
+                _Scored(
+                    token_logprobs=np.concatenate([lps for lps, *_ in parts]).astype(np.float64),
+                    token_lengths=np.concatenate([token_lengths[target] for _, target in request]),
+                    greedy=all(greedy for _, greedy, *_ in parts),
+                    decision_logprobs=parts[0][2],
+                    decision_hidden=parts[0][3],
+                )
+            )
+            w += len(request)
+        return out
+
+    def _score_windows(self, member: Member, windows: list[tuple[list[int], list[int]]]) -> list[tuple]:
+        """One right-padded forward over windows, truncated as lm-eval's HFLM does, with logits
+        only at the continuation positions."""
         inputs = [(context + continuation)[-(member.max_length + 1) :][:-1] for context, continuation in windows]
+        targets = [torch.tensor(continuation) for _, continuation in windows]
         lengths = torch.tensor([len(ids) for ids in inputs])
-        targets = [continuation for _, continuation in windows]
         width, span = int(lengths.max()), max(len(t) for t in targets)
         input_ids = torch.zeros(len(inputs), width, dtype=torch.long)
         for i, ids in enumerate(inputs):
@@ -143,29 +162,20 @@ class FusionEngine:
         first = lengths - torch.tensor([len(t) for t in targets])  # position of each window's first target
         keep = (first[:, None] + torch.arange(span)[None, :]).clamp(max=(lengths - 1)[:, None])  # [N, span]
         logits, hidden, _ = member.forward(input_ids, mask, positions, keep, hidden=self.policy.needs_hidden)
-        logits = logits.float()
         normaliser = logits.logsumexp(dim=-1)  # [N, span]
-        greedy_ids = logits.argmax(dim=-1)
-        token_lengths = member.vocab.token_lengths
-        out, w = [], 0
-        for request in requests:
-            lps, lens, greedy = [], [], True
-            for j, (_, target) in enumerate(request):
-                t = torch.tensor(target, device=logits.device)
-                n = len(target)
-                lps.append((logits[w + j, :n].gather(-1, t[:, None])[:, 0] - normaliser[w + j, :n]).cpu().numpy())
-                lens.append(token_lengths[target])
-                greedy &= bool((greedy_ids[w + j, :n] == t).all())
+        greedy_ids = logits.argmax(dim=-1).cpu()
+        out = []
+        for i, target in enumerate(targets):
+            n = len(target)
+            token_logprobs = logits[i, :n].gather(-1, target.to(logits.device)[:, None])[:, 0] - normaliser[i, :n]
             out.append(
-                _Scored(
-                    token_logprobs=np.concatenate(lps).astype(np.float64),
-                    token_lengths=np.concatenate(lens),
-                    greedy=greedy,
-                    decision_logprobs=logits[w, 0] - normaliser[w, 0],
-                    decision_hidden=hidden[w, 0] if hidden is not None else None,
+                (
+                    token_logprobs.cpu().numpy(),
+                    bool((greedy_ids[i, :n] == target).all()),
+                    logits[i, 0] - normaliser[i, 0],
+                    hidden[i, 0] if hidden is not None else None,
                 )
             )
-            w += len(request)
         return out
 
     def _mix(self, scored: list[list[_Scored]], contexts: list[str]) -> list[tuple[float, bool]]:
@@ -319,6 +329,19 @@ class Generation:
             outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # keep the smallest nucleus
             probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0))
         return torch.multinomial(probs, 1, generator=self.engine.generator)[:, 0]
+
+
+def _groups(windows: list[tuple[list[int], list[int]]], max_positions: int):
+    """Consecutive groups of windows with at most max_positions continuation tokens (at least one window each)."""
+    group, size = [], 0
+    for window in windows:
+        if group and size + len(window[1]) > max_positions:
+            yield group
+            group, size = [], 0
+        group.append(window)
+        size += len(window[1])
+    if group:
+        yield group
 
 
 def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:
