@@ -2,6 +2,7 @@
 
 - ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
+- ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
 
@@ -44,6 +45,12 @@ def bpe_member(tiny_models_dir) -> str:
 @pytest.fixture(scope="session")
 def sp_member(tiny_models_dir) -> str:
     return str(tiny_models_dir / "sp")
+
+
+@pytest.fixture(scope="session")
+def bpe_padded_member(tiny_models_dir) -> str:
+    """The bpe member with 40 extra logit rows past its tokenizer (zero weights: logit 0)."""
+    return tiny_models.build_member("bpe_padded", tiny_models_dir / "bpe_padded")
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,18 @@ def test_one_member_equals_hf(run_eval, members, kind, batch_size):
         assert_same_samples(task, got[task], want[task], f"rlae[{kind}] bs={batch_size} vs hf[{kind}]")
 
 
+def test_one_member_with_logits_wider_than_its_tokenizer_equals_hf(run_eval, bpe_padded_member, bpe_member):
+    """Rows past the tokenizer (padded embeddings) stay in the softmax normaliser, as in hf."""
+    want = run_eval("hf", hf(bpe_padded_member), ALL)
+    got = run_eval("rlae", rlae([bpe_padded_member]), ALL, batch_size=4)
+    for task in ALL:
+        assert_same_samples(task, got[task], want[task], "rlae[bpe_padded] vs hf[bpe_padded]")
+    # the extra rows do change the loglikelihoods, so the comparison is not vacuous
+    plain = run_eval("hf", hf(bpe_member), ALL)
+    some = next(iter(want["tiny_mc"]))
+    assert want["tiny_mc"][some]["filtered_resps"][0][0] < plain["tiny_mc"][some]["filtered_resps"][0][0] - 1e-3
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
 def test_two_copies_of_a_member_equal_that_member(run_eval, members, kind):
     want = run_eval("hf", hf(members[kind]), ALL)

@@ -219,13 +219,16 @@ def build_sp_tokenizer(vocab_size: int = 600):
 # --------------------------------------------------------------------------- models
 
 
-def build_bpe_model(tokenizer, seed: int = 1234, initializer_range: float = 0.3):
+def build_bpe_model(tokenizer, seed: int = 1234, initializer_range: float = 0.3, extra_logit_rows: int = 0):
+    """extra_logit_rows: embedding / logit rows past the tokenizer (as models with padded vocabularies
+    have); their output weights are zero, so their logit is 0: never the argmax, but part of the
+    softmax normaliser."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) + extra_logit_rows,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -241,6 +244,9 @@ def build_bpe_model(tokenizer, seed: int = 1234, initializer_range: float = 0.3)
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
+    if extra_logit_rows:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[len(tokenizer) :] = 0
     return model
 
 
@@ -289,16 +295,22 @@ def _save(tokenizer, model, path: Path) -> str:
 
 
 def build_member(kind: str, path: str | os.PathLike) -> str:
-    """Writes the tiny member ``kind`` ("bpe" or "sp") into ``path``; returns the path as str."""
+    """Writes the tiny member ``kind`` into ``path``; returns the path as str.
+
+    kinds: "bpe", "sp", and "bpe_padded" (the bpe member with 40 logit rows past its tokenizer).
+    """
     path = Path(path)
     if kind == "bpe":
         tok = build_bpe_tokenizer()
         model = build_bpe_model(tok)
+    elif kind == "bpe_padded":
+        tok = build_bpe_tokenizer()
+        model = build_bpe_model(tok, extra_logit_rows=40)
     elif kind == "sp":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok)
     else:
-        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe' or 'sp'")
+        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp' or 'bpe_padded'")
     return _save(tok, model, path)
 
 
