@@ -20,7 +20,7 @@ import torch
 from lm_eval_rlae.chat import render
 from lm_eval_rlae.members import Member, MemberStream
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
-from lm_eval_rlae.vocab import UnionVocab
+from lm_eval_rlae.vocab import UnionVocab, pending_continuation_bytes
 
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _MAX_LOGITS = 2**28  # float32 scores held at once when scoring: 1 GiB
@@ -248,6 +248,7 @@ class Generation:
             if self.done:
                 return
             probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], weights)  # [B, U]
+            probs = self._finish_characters(probs, weights)
             chosen = self._choose(probs).cpu()  # [B]
             own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
             proposer = self._proposer(weights, own_ids)
@@ -274,6 +275,26 @@ class Generation:
                 for stream, feed in zip(self.streams, feeds):
                     stream.feed(feed)
 
+    def _finish_characters(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Where members of different vocabularies are mixed, keep the text UTF-8: a character one
+        member started must be finished before anything else is chosen.
+
+        Byte-level BPE spells many characters in several tokens; a mixture could otherwise follow
+        one member's first bytes with another member's whole token. Rows with one vocabulary
+        (a single member, copies of one model, one-hot weights) are left exactly as the member has them.
+        """
+        groups = sorted(set(self.union.vocab_group))
+        if len(groups) == 1:
+            return probs
+        in_use = torch.stack([(weights[:, [m for m, g in enumerate(self.union.vocab_group) if g == group]] > 0).any(-1) for group in groups])
+        mixing = in_use.sum(0) > 1  # [B]
+        if not mixing.any():
+            return probs
+        pending = torch.tensor([pending_continuation_bytes(row.text) for row in self.rows])
+        kept = probs * self.union.continues(pending)
+        use = mixing & (kept.sum(-1) > 0)  # never leave a row with nothing to choose
+        return torch.where(use[:, None], kept, probs)
+
     def _proposer(self, weights: torch.Tensor, own_ids: list[list[int]]) -> list[int]:
         """For each row, the member that gave the chosen token most of its weighted probability:
         the text is decoded as that member's own decoder would decode it."""
@@ -298,11 +319,12 @@ class Generation:
         """Ids that append `piece` to member m's row, re-tokenizing at a word boundary if needed.
 
         A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
-        brought back to its canonical tokens when the next word starts.
+        brought back to its canonical tokens when the next word starts, or after a whole non-ASCII
+        character (scripts such as Chinese and Japanese do not separate words by spaces).
         """
         vocab, sync = self.engine.members[m].vocab, self.rows[row].syncs[m]
         ids: list[int] = []
-        if piece and piece[0] in _WHITESPACE:
+        if piece and (piece[0] in _WHITESPACE or _ends_non_ascii_character(sync.text)):
             if sync.dirty:
                 canonical = vocab.encode_bytes(sync.text)
                 if canonical != sync.fed:
@@ -371,6 +393,10 @@ def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[
     if continuation_ids and continuation_ids[0] == lm.prefix_token_id:
         return continuation_ids[:1], continuation_ids[1:]
     return [lm.prefix_token_id], continuation_ids
+
+
+def _ends_non_ascii_character(text: bytes) -> bool:
+    return bool(text) and text[-1] >= 0x80 and pending_continuation_bytes(text) == 0
 
 
 def _has_stop(text: bytes, new: int, stops: list[bytes]) -> bool:
