@@ -20,7 +20,8 @@ import torch
 from lm_eval_rlae.chat import render
 from lm_eval_rlae.members import Member, MemberStream
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
-from lm_eval_rlae.vocab import UnionVocab, pending_continuation_bytes
+from lm_eval_rlae import utf8
+from lm_eval_rlae.vocab import UnionVocab
 
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _MAX_LOGITS = 2**28  # float32 scores held at once when scoring: 1 GiB
@@ -228,7 +229,7 @@ class Generation:
         return self.steps >= self.decoding.max_gen_toks or all(row.done for row in self.rows)
 
     def texts(self) -> list[str]:
-        return [self.union.decode(row.pieces) for row in self.rows]
+        return [utf8.decode(row.pieces) for row in self.rows]
 
     def state(self) -> PolicyState:
         return PolicyState(
@@ -290,8 +291,8 @@ class Generation:
         mixing = in_use.sum(0) > 1  # [B]
         if not mixing.any():
             return probs
-        pending = torch.tensor([pending_continuation_bytes(row.text) for row in self.rows])
-        kept = probs * self.union.continues(pending)
+        states = torch.tensor([utf8.next_byte_range(row.text) for row in self.rows])
+        kept = probs * self.union.continues(states)
         use = mixing & (kept.sum(-1) > 0)  # never leave a row with nothing to choose
         return torch.where(use[:, None], kept, probs)
 
@@ -396,7 +397,7 @@ def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[
 
 
 def _ends_non_ascii_character(text: bytes) -> bool:
-    return bool(text) and text[-1] >= 0x80 and pending_continuation_bytes(text) == 0
+    return bool(text) and text[-1] >= 0x80 and utf8.pending_continuation_bytes(text) == 0
 
 
 def _has_stop(text: bytes, new: int, stops: list[bytes]) -> bool:

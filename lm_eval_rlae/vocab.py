@@ -17,7 +17,6 @@ to member m is `from_union[m]` (its own id for exactly those bytes) or, when m h
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -26,6 +25,8 @@ from functools import cached_property
 
 import numpy as np
 import torch
+
+from lm_eval_rlae import utf8
 
 logger = logging.getLogger(__name__)
 
@@ -193,41 +194,6 @@ class MemberVocab:
         return ids
 
 
-def _leading_continuation_bytes(data: bytes) -> int:
-    n = 0
-    while n < len(data) and data[n] & 0xC0 == 0x80:
-        n += 1
-    return n
-
-
-def _decode_chunk(pieces: list[tuple[bytes, bool]], data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    text = []
-    for fallback, group in itertools.groupby(pieces, key=lambda piece: piece[1]):
-        run = b"".join(piece for piece, _ in group)
-        if fallback:
-            try:
-                text.append(run.decode("utf-8"))
-            except UnicodeDecodeError:
-                text.append("\ufffd" * len(run))
-        else:
-            text.append(run.decode("utf-8", errors="replace"))
-    return "".join(text)
-
-
-def pending_continuation_bytes(text: bytes) -> int:
-    """How many UTF-8 continuation bytes `text` needs to end on a character boundary."""
-    for back in range(1, min(4, len(text)) + 1):
-        byte = text[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): how long is its character?
-            size = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-            return max(size - back, 0)
-    return 0
-
-
 class UnionVocab:
     """The union of members' vocabularies, keyed by exact bytes.
 
@@ -268,10 +234,11 @@ class UnionVocab:
                 ids[i] = index[key]
             to_union.append(ids)
         self.size = len(self.token_bytes)
-        lengths = [len(b) for b in self.token_bytes]
-        leading = [_leading_continuation_bytes(b) for b in self.token_bytes]
-        self._length = torch.tensor(lengths, device=device)  # [U]
+        leading = [utf8.leading_continuation_bytes(b) for b in self.token_bytes]
+        self._length = torch.tensor([len(b) for b in self.token_bytes], device=device)  # [U]
         self._leading = torch.tensor(leading, device=device)  # [U] continuation bytes it starts with
+        self._first = torch.tensor([b[0] if b else -1 for b in self.token_bytes], device=device)  # [U]
+        self._tail_valid = torch.tensor([utf8.is_valid_prefix(b[n:]) for b, n in zip(self.token_bytes, leading)], device=device)
         # members with one tokenizer mix without breaking characters; only distinct vocabularies need the guard
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_group = [fingerprints.index(f) for f in fingerprints]  # member -> first member with its vocabulary
@@ -286,35 +253,14 @@ class UnionVocab:
                 back[self.eos] = vocab.eos_id
             self.from_union.append(back)
 
-    @staticmethod
-    def decode(pieces: list[tuple[bytes, bool]]) -> str:
-        """Text of generated pieces (bytes, whether the member that chose it has it as a byte-fallback
-        token), always valid.
-
-        Valid UTF-8 decodes as itself. Bytes that are not UTF-8 become U+FFFD as the members' own
-        decoders do it: a run of byte-fallback pieces that is not UTF-8 gives one U+FFFD per byte
-        (SentencePiece's ByteFallback); other bytes are decoded leniently, one U+FFFD per maximal
-        invalid sequence (byte-level BPE). Chunks end on character boundaries, never inside a run of
-        byte-fallback pieces, so one broken character does not spoil its neighbours.
-        """
-        text, chunk, data = [], [], b""
-        for i, (piece, fallback) in enumerate(pieces):
-            chunk.append((piece, fallback))
-            data += piece
-            run_goes_on = fallback and i + 1 < len(pieces) and pieces[i + 1][1]
-            if i + 1 == len(pieces) or (pending_continuation_bytes(data) == 0 and not run_goes_on):
-                text.append(_decode_chunk(chunk, data))
-                chunk, data = [], b""
-        return "".join(text)
-
-    def continues(self, pending: torch.Tensor) -> torch.Tensor:
-        """[B] continuation bytes each text still needs to finish its last character -> [B, U]
-        whether each union token keeps the text on UTF-8 character boundaries: it first supplies
-        exactly the pending continuation bytes (or only continuation bytes, fewer than pending)."""
-        pending = pending.to(self._length.device)[:, None]
-        exact = self._leading[None, :] == pending
-        partial = (self._leading == self._length)[None, :] & (self._length[None, :] < pending) & (self._length[None, :] > 0)
-        return exact | partial
+    def continues(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, 3] texts' `next_byte_range` -> [B, U] whether each union token keeps the text UTF-8:
+        it supplies the pending continuation bytes (all of them, or fewer and nothing else), in
+        range, and is valid itself apart from a last character it may leave unfinished."""
+        pending, lo, hi = states.to(self._length.device).T[..., None]  # each [B, 1]
+        in_range = (self._first >= lo) & (self._first <= hi)
+        supplies = (self._leading == pending) | ((self._leading == self._length) & (self._length < pending) & (self._length > 0))
+        return self._tail_valid & torch.where(pending > 0, in_range & supplies, self._leading == 0)
 
     def scatter(self, probs_m: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of members' next-token distributions in the union.

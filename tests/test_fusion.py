@@ -142,3 +142,25 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     assert _mix_segments([a, b], w) == pytest.approx(math.log(0.25 * math.exp(-3.0) + 0.75 * math.exp(-3.0)), abs=1e-12)
     # one-hot weights give that member's own sum exactly
     assert _mix_segments([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
+
+
+def test_mixed_vocabularies_never_break_a_character(members):
+    """Uniform over two tokenizer families: the bytes stay UTF-8 (only the last character may be
+    cut by max_gen_toks), although each tiny member alone emits broken bytes freely."""
+    from lm_eval_rlae.utf8 import pending_continuation_bytes
+
+    alone = _generation(members[:1], UniformPolicy(1), max_gen_toks=32)
+    assert any(_invalid_inside(row.text) for row in alone.rows), "the scenario needs a member that breaks characters"
+    mixed = _generation(members, UniformPolicy(2), max_gen_toks=32)
+    for row in mixed.rows:
+        assert not _invalid_inside(row.text), row.text
+        assert pending_continuation_bytes(row.text) == 0 or len(row.tokens) == 32
+
+
+def _invalid_inside(text: bytes) -> bool:
+    """Whether text is not UTF-8, apart from a last character left unfinished."""
+    try:
+        text.decode("utf-8")
+        return False
+    except UnicodeDecodeError as error:
+        return not (error.reason == "unexpected end of data" and error.end == len(text))
