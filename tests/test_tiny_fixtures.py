@@ -99,6 +99,8 @@ def test_tiny_tasks_run_with_hf(run_eval, bpe_member, sp_member, kind):
     for doc_id, s in res["tiny_mc"].items():
         assert len(s["filtered_resps"]) == len(s["doc"]["choices"])
         assert all(ll < 0 for ll, _ in s["filtered_resps"])
+    # is_greedy comparisons are not vacuous: some choice is the member's greedy continuation
+    assert any(greedy for s in res["tiny_mc"].values() for _, greedy in s["filtered_resps"])
     for s in res["tiny_roll"].values():
         assert s["filtered_resps"][0] < 0
     agg = res["__results__"]

@@ -30,13 +30,15 @@ GEN_DOCS = [
     {"question": "Say hello in Chinese: 你好 or 🤗?", "answer": "你好"},
 ]
 
+# " day" (bpe) and " the" (sp) are the tiny members' greedy continuations of two of these prompts,
+# so is_greedy is True somewhere for each member.
 MC_DOCS = [
     {"question": "What is the capital of France?", "choices": ["Paris", "London", "Rome", "Berlin"], "label": 0},
-    {"question": "Which animal says \"moo\"?", "choices": ["The dog.", "The cow.", "The cat."], "label": 1},
+    {"question": "Which animal says \"moo\"?", "choices": ["The dog.", "The cow.", "the"], "label": 1},
     {"question": "How many legs does a spider have?", "choices": ["Six", "Four", "Eight"], "label": 2},
     {"question": "12 + 12 =", "choices": ["24", "21", "144", "1212"], "label": 0},
     {"question": "Water freezes at", "choices": ["0 degrees", "100 degrees", "50 degrees"], "label": 0},
-    {"question": "Which one is a color?", "choices": ["Monday", "purple", "seven", "bread"], "label": 1},
+    {"question": "Which one is a color?", "choices": ["Monday", "purple", "seven", "day"], "label": 1},
     {"question": "Pick the greeting:", "choices": ["再见", "你好 👋", "谢谢"], "label": 1},
     {"question": "The sun is a", "choices": ["planet", "moon", "star", "comet"], "label": 2},
 ]
