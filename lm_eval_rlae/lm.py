@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from lm_eval_rlae.chat import encode_chat
 from lm_eval_rlae.fusion import Decoding, FusionEngine
-from lm_eval_rlae.members import Member, MemberSpec, parse_list, resolve_device
+from lm_eval_rlae.members import Member, MemberSpec, parse_list
 from lm_eval_rlae.policies import make_policy
 
 logger = logging.getLogger(__name__)
@@ -61,21 +61,21 @@ class RLAELM(LM):
         for key, values in per_member.items():
             if values and len(values) != len(entries):
                 raise ValueError(f"{key}s has {len(values)} values for {len(entries)} members: give one per member")
-        policy = make_policy(weights, len(entries))  # checked before loading any model
+        policy = make_policy(weights, len(entries))  # arguments are checked before loading any model
+        self.batch_size = _batch_size(batch_size, max_batch_size)
         specs = [
             MemberSpec.parse(
                 entry,
                 {
-                    "device": per_member["device"][i] if per_member["device"] else resolve_device(device),
+                    "device": per_member["device"][i] if per_member["device"] else device,
                     "dtype": per_member["dtype"][i] if per_member["dtype"] else dtype,
                     "trust_remote_code": trust_remote_code,
                 },
             )
             for i, entry in enumerate(entries)
         ]
-        self.members = [Member(spec, max_batch_size=max_batch_size) for spec in specs]
+        self.members = [Member(spec) for spec in specs]
         self.engine = FusionEngine(self.members, policy, span_length=int(span_length), seed=int(seed))
-        self.batch_size = _batch_size(batch_size, max_batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
 

@@ -25,7 +25,7 @@ class MemberSpec:
     """How to load one member. Extra keys go to lm-eval's HFLM (e.g. peft, revision, max_length)."""
 
     pretrained: str
-    device: str = "cpu"
+    device: str | None = None
     dtype: str = "auto"
     gguf_file: str | None = None
     trust_remote_code: bool = False
@@ -68,8 +68,9 @@ def parse_list(value) -> list:
 
 
 def resolve_device(device: str | None) -> str:
-    """The harness passes `cuda`/`cuda:0` by default; fall back to CPU where there is no GPU."""
-    device = device or "cpu"
+    """No device: the GPU if there is one. The harness passes `cuda`/`cuda:0` by default; fall back
+    to CPU where there is no GPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("device %r requested but CUDA is not available; using cpu", device)
         return "cpu"
@@ -79,7 +80,7 @@ def resolve_device(device: str | None) -> str:
 class Member:
     """One causal LM of the ensemble, loaded through lm-eval's HFLM."""
 
-    def __init__(self, spec: MemberSpec, max_batch_size: int = 64):
+    def __init__(self, spec: MemberSpec):
         from lm_eval.models.huggingface import HFLM
 
         from lm_eval_rlae.presets import resolve_preset
@@ -94,7 +95,6 @@ class Member:
                 gguf_file=spec.gguf_file,
                 trust_remote_code=spec.trust_remote_code,
                 batch_size=1,
-                max_batch_size=max_batch_size,
                 **spec.extra,
             )
         except (OSError, ValueError, EnvironmentError) as error:
