@@ -174,3 +174,9 @@ def write_tiny_tasks(root: str | Path) -> str:
                 tmpl.format(name=task, data=json.dumps(str(data))), encoding="utf-8"
             )
     return str(root)
+
+
+if __name__ == "__main__":  # python tests/tiny_tasks.py /tmp/tiny_tasks
+    import sys
+
+    print(write_tiny_tasks(sys.argv[1] if len(sys.argv) > 1 else "/tmp/rlae_tiny_tasks"))
