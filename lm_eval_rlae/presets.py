@@ -225,6 +225,7 @@ def resolve_preset(name: str) -> str | None:
         f"{target} (1 to 3 minutes on 2 CPU cores; later loads take seconds)"
     )
     start = time.perf_counter()
+    _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
         out = tmp / "model"
@@ -249,6 +250,17 @@ def resolve_preset(name: str) -> str | None:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"{name}: converted in {time.perf_counter() - start:.0f} s -> {target}")
     return str(target)
+
+
+def _remove_stale_temporaries(target: Path, older_than_s: float = 6 * 3600) -> None:
+    """Drops what a killed conversion left next to `target` (never loaded: another name)."""
+    now = time.time()
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _publish(out: Path, target: Path) -> None:
