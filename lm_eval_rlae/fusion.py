@@ -150,24 +150,30 @@ class FusionEngine:
 
     def _score_windows(self, member: Member, windows: list[tuple[list[int], list[int]]]) -> list[tuple]:
         """One right-padded forward over windows, truncated as lm-eval's HFLM does, with logits
-        only at the continuation positions."""
-        inputs = [(context + continuation)[-(member.max_length + 1) :][:-1] for context, continuation in windows]
+        only at the continuation positions. Windows with the same input and target length (the
+        one-token choices of a question) share one row, as HFLM's logits cache does."""
+        inputs = [tuple((context + continuation)[-(member.max_length + 1) :][:-1]) for context, continuation in windows]
         targets = [torch.tensor(continuation) for _, continuation in windows]
-        lengths = torch.tensor([len(ids) for ids in inputs])
-        width, span = int(lengths.max()), max(len(t) for t in targets)
-        input_ids = torch.zeros(len(inputs), width, dtype=torch.long)
-        for i, ids in enumerate(inputs):
+        row_of: dict[tuple, int] = {}
+        keys = [(ids, len(target)) for ids, target in zip(inputs, targets)]
+        for key in keys:
+            row_of.setdefault(key, len(row_of))
+        lengths = torch.tensor([len(ids) for ids, _ in row_of])  # [N] unique rows
+        spans = torch.tensor([n for _, n in row_of])
+        width, span = int(lengths.max()), int(spans.max())
+        input_ids = torch.zeros(len(row_of), width, dtype=torch.long)
+        for i, (ids, _) in enumerate(row_of):
             input_ids[i, : len(ids)] = torch.tensor(ids)
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        positions = torch.arange(width)[None, :].expand(len(inputs), -1)
-        first = lengths - torch.tensor([len(t) for t in targets])  # position of each window's first target
+        positions = torch.arange(width)[None, :].expand(len(row_of), -1)
+        first = lengths - spans  # position of each row's first target
         keep = (first[:, None] + torch.arange(span)[None, :]).clamp(max=(lengths - 1)[:, None])  # [N, span]
         logits, hidden, _ = member.forward(input_ids, mask, positions, keep, hidden=self.policy.needs_hidden)
         normaliser = logits.logsumexp(dim=-1)  # [N, span]
         greedy_ids = logits.argmax(dim=-1).cpu()
         out = []
-        for i, target in enumerate(targets):
-            n = len(target)
+        for key, target in zip(keys, targets):
+            i, n = row_of[key], len(target)
             token_logprobs = logits[i, :n].gather(-1, target.to(logits.device)[:, None])[:, 0] - normaliser[i, :n]
             out.append(
                 (

@@ -11,6 +11,7 @@ by gen_kwargs) and run through the FusionEngine.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -133,16 +134,22 @@ class RLAELM(LM):
         return collator.get_original(results)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Batches are `batch_size` distinct contexts, longest first, each with all its
+        continuations, so each member reads a shared context (a question's choices) once."""
         _check_text_only(requests)
-        collator = Collator([request.args for request in requests], sort_fn=lambda args: (-len(args[0]) - len(args[1]), args))
-        results = []
+        by_context: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            by_context[request.args[0]].append(i)
+        contexts = sorted(by_context, key=lambda context: (-len(context), context))
+        results: list = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae loglikelihood") as bar:
-            for chunk in collator.get_batched(n=self.batch_size):
-                for args, answer in zip(chunk, self.engine.loglikelihood(list(chunk))):
-                    results.append(answer)
-                    self.cache_hook.add_partial("loglikelihood", args, answer)
+            for start in range(0, len(contexts), self.batch_size):
+                indices = [i for context in contexts[start : start + self.batch_size] for i in by_context[context]]
+                for i, answer in zip(indices, self.engine.loglikelihood([requests[i].args for i in indices])):
+                    results[i] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[i].args, answer)
                     bar.update(1)
-        return collator.get_original(results)
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         collator = Collator([request.args[0] for request in requests], sort_fn=lambda text: (-len(text), text))
