@@ -239,6 +239,7 @@ class UnionVocab:
         self._leading = torch.tensor(leading, device=device)  # [U] continuation bytes it starts with
         self._first = torch.tensor([b[0] if b else -1 for b in self.token_bytes], device=device)  # [U]
         self._tail_valid = torch.tensor([utf8.is_valid_prefix(b[n:]) for b, n in zip(self.token_bytes, leading)], device=device)
+        self._starts_character = self._tail_valid & (self._leading == 0)  # [U] fine after a whole character
         # members with one tokenizer mix without breaking characters; only distinct vocabularies need the guard
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_group = [fingerprints.index(f) for f in fingerprints]  # member -> first member with its vocabulary
@@ -257,10 +258,13 @@ class UnionVocab:
         """[B, 3] texts' `next_byte_range` -> [B, U] whether each union token keeps the text UTF-8:
         it supplies the pending continuation bytes (all of them, or fewer and nothing else), in
         range, and is valid itself apart from a last character it may leave unfinished."""
-        pending, lo, hi = states.to(self._length.device).T[..., None]  # each [B, 1]
+        states = states.to(self._length.device)
+        if not states[:, 0].any():  # the common case: every text ends on a character boundary
+            return self._starts_character[None, :].expand(states.shape[0], -1)
+        pending, lo, hi = states.T[..., None]  # each [B, 1]
         in_range = (self._first >= lo) & (self._first <= hi)
         supplies = (self._leading == pending) | ((self._leading == self._length) & (self._length < pending) & (self._length > 0))
-        return self._tail_valid & torch.where(pending > 0, in_range & supplies, self._leading == 0)
+        return torch.where(pending > 0, self._tail_valid & in_range & supplies, self._starts_character)
 
     def scatter(self, probs_m: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of members' next-token distributions in the union.
