@@ -17,7 +17,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test]"
 	touch $@
 
-test: setup
+test: setup models data
 	$(OFFLINE) $(PY) -m pytest -q
 
 # --- real members and offline data (issue 3) -------------------------------------------------
