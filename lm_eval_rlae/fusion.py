@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lm_eval_rlae import utf8
 from lm_eval_rlae.chat import render
 from lm_eval_rlae.members import Member, MemberStream
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
-from lm_eval_rlae import utf8
 from lm_eval_rlae.vocab import UnionVocab
 
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -290,11 +290,10 @@ class Generation:
         one member's first bytes with another member's whole token. Rows with one vocabulary
         (a single member, copies of one model, one-hot weights) are left exactly as the member has them.
         """
-        groups = sorted(set(self.union.vocab_group))
+        groups = self.union.vocab_groups  # members sharing one vocabulary
         if len(groups) == 1:
             return probs
-        in_use = torch.stack([(weights[:, [m for m, g in enumerate(self.union.vocab_group) if g == group]] > 0).any(-1) for group in groups])
-        mixing = in_use.sum(0) > 1  # [B]
+        mixing = torch.stack([(weights[:, group] > 0).any(-1) for group in groups]).sum(0) > 1  # [B]
         if not mixing.any():
             return probs
         states = torch.tensor([utf8.next_byte_range(row.text) for row in self.rows])

@@ -242,7 +242,7 @@ class UnionVocab:
         self._starts_character = self._tail_valid & (self._leading == 0)  # [U] fine after a whole character
         # members with one tokenizer mix without breaking characters; only distinct vocabularies need the guard
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
-        self.vocab_group = [fingerprints.index(f) for f in fingerprints]  # member -> first member with its vocabulary
+        self.vocab_groups = [[m for m, f in enumerate(fingerprints) if f == g] for g in dict.fromkeys(fingerprints)]
         self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids], device=device) for ids in to_union]
         self.from_union = []
         for vocab, ids in zip(members, to_union):
