@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in MEMBERS
     }
     runs["rlae uniform"] = ["--model", "rlae", "--model_args",
-                            f"members=[{','.join(MEMBERS)}],weights=uniform"]
+                            f"members=[{','.join(MEMBERS)}],weights=uniform", "--batch_size", "8"]
     results, seconds = {}, {}
     for label, model_args in runs.items():
         out = args.output / label.replace(" ", "_")
