@@ -164,3 +164,31 @@ def _invalid_inside(text: bytes) -> bool:
         return False
     except UnicodeDecodeError as error:
         return not (error.reason == "unexpected end of data" and error.end == len(text))
+
+
+class _HiddenStatePolicy(WeightPolicy):
+    """Checks the final hidden states it is given: one [B, H_m] per member, the same vector for the
+    same text whichever path (generation or scoring) computed it."""
+
+    needs_hidden = True
+
+    def __init__(self, members):
+        super().__init__(len(members))
+        self.sizes = [member.model.config.hidden_size for member in members]
+        self.seen = []
+
+    def weights(self, state):
+        assert [tuple(h.shape) for h in state.member_hidden] == [(state.batch_size, size) for size in self.sizes]
+        self.seen.append(state.member_hidden)
+        return torch.ones(state.batch_size, self.n_members)
+
+
+def test_policies_can_read_final_hidden_states(members):
+    policy = _HiddenStatePolicy(members)
+    engine = FusionEngine(members, policy)
+    engine.generate(["The quick brown fox"], Decoding(until=[], max_gen_toks=4))
+    at_prompt = policy.seen[0]
+    engine.loglikelihood([("The quick brown fox", " jumps")])
+    at_context_end = policy.seen[-1]
+    for generated, scored in zip(at_prompt, at_context_end):
+        torch.testing.assert_close(generated, scored, atol=1e-4, rtol=1e-4)
