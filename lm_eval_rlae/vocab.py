@@ -208,7 +208,6 @@ class UnionVocab:
     def __init__(self, members: list[MemberVocab], device: torch.device | str = "cpu"):
         index: dict[object, int] = {"<eos>": self.eos}
         self.token_bytes: list[bytes] = [b""]
-        self.is_special: list[bool] = [True]
         to_union = []
         for vocab in members:
             ids = [-1] * len(vocab.token_bytes)  # -1: an embedding row the tokenizer does not know
@@ -229,8 +228,7 @@ class UnionVocab:
                     seen[b] = key[1] + 1
                 if key not in index:
                     index[key] = len(self.token_bytes)
-                    self.token_bytes.append(b"" if isinstance(key, str) or key[0] == "special" else b)
-                    self.is_special.append(isinstance(key, str) or key[0] == "special")
+                    self.token_bytes.append(b)  # b"" for eos and special tokens
                 ids[i] = index[key]
             to_union.append(ids)
         self.size = len(self.token_bytes)
