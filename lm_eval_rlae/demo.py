@@ -86,6 +86,29 @@ def _rows(res: dict) -> dict[tuple[str, str], tuple[float, int]]:
     return out
 
 
+def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8):
+    """Each member alone (`--model hf`), then all of them ensembled with uniform weights (`--model
+    rlae`), on the first `limit` test documents of `tasks`, through the harness's own command line.
+
+    Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME`, `rlae uniform`.
+    """
+    from lm_eval_rlae.presets import hf_model_args
+
+    output.mkdir(parents=True, exist_ok=True)
+    common = ["--include_path", str(TASK_CONFIGS), "--tasks", tasks, "--limit", str(limit), "--batch_size", str(batch_size)]
+    runs = {f"hf {name}": ["--model", "hf", "--model_args", hf_model_args(name)] for name in members}
+    runs["rlae uniform"] = ["--model", "rlae", "--model_args", f"members=[{','.join(members)}],weights=uniform"]
+    results, seconds = {}, {}
+    for label, model_args in runs.items():
+        out = output / label.replace(" ", "_")
+        _say(f"\n--- {label}")
+        cmd = [sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)]
+        seconds[label] = _run(cmd, output / f"{label.replace(' ', '_')}.log")
+        results[label] = _rows(_results(out))
+        _say(f"({seconds[label]:.0f} s)")
+    return results, seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lm_eval_rlae.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=int(os.environ.get("DEMO_LIMIT", DEFAULT_LIMIT)),
@@ -105,37 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     _say("=" * 100)
 
     from lm_eval_rlae.offline_data import prepare
-    from lm_eval_rlae.presets import resolve_preset
 
     t0 = time.perf_counter()
     prepare()
-    dirs = {}
-    for name in MEMBERS:
-        t = time.perf_counter()
-        dirs[name] = resolve_preset(name)
-        _say(f"member {name}: {dirs[name]} (ready in {time.perf_counter() - t:.1f} s)")
-    _say(f"setup done in {time.perf_counter() - t0:.0f} s")
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    common = ["--include_path", str(TASK_CONFIGS), "--tasks", args.tasks, "--limit", str(args.limit)]
-    runs = {
-        f"hf {name}": ["--model", "hf", "--model_args", f"pretrained={dirs[name]},dtype=float32",
-                       "--batch_size", "8"]
-        for name in MEMBERS
-    }
-    runs["rlae uniform"] = ["--model", "rlae", "--model_args",
-                            f"members=[{','.join(MEMBERS)}],weights=uniform", "--batch_size", "8"]
-    results, seconds = {}, {}
-    for label, model_args in runs.items():
-        out = args.output / label.replace(" ", "_")
-        _say(f"\n--- {label}")
-        cmd = [sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)]
-        seconds[label] = _run(cmd, args.output / f"{label.replace(' ', '_')}.log")
-        results[label] = _rows(_results(out))
-        _say(f"({seconds[label]:.0f} s)")
-
+    results, seconds = compare(MEMBERS, args.tasks, args.limit, args.output)
     keys = sorted({k for r in results.values() for k in r})
-    labels = list(runs)
+    labels = list(results)
     width = max(len(f"{t} {m}") for t, m in keys) + 2
     _say("\n" + "=" * 100)
     _say(f"Summary on the test split (first {args.limit} documents per task; 95% Wilson intervals)")

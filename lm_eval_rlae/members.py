@@ -83,10 +83,12 @@ class Member:
     def __init__(self, spec: MemberSpec):
         from lm_eval.models.huggingface import HFLM
 
-        from lm_eval_rlae.presets import resolve_preset
+        from lm_eval_rlae.presets import resolve_preset, specialist_adapter
 
         self.name = spec.pretrained
         pretrained = resolve_preset(spec.pretrained) or spec.pretrained
+        adapter = specialist_adapter(spec.pretrained)  # a specialist preset: base + its LoRA
+        extra = spec.extra if adapter is None else {"peft": adapter} | spec.extra
         try:
             self.lm = HFLM(
                 pretrained=pretrained,
@@ -95,13 +97,13 @@ class Member:
                 gguf_file=spec.gguf_file,
                 trust_remote_code=spec.trust_remote_code,
                 batch_size=1,
-                **spec.extra,
+                **extra,
             )
         except (OSError, ValueError, EnvironmentError) as error:
-            from lm_eval_rlae.presets import PRESETS
+            from lm_eval_rlae.presets import PRESETS, SPECIALIST_PRESETS
 
             raise ValueError(
-                f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(PRESETS))}), "
+                f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted([*PRESETS, *SPECIALIST_PRESETS]))}), "
                 f"not a local model directory, and could not be fetched as a Hugging Face hub id "
                 f"(offline, or no such model). Fix the name or path in `members=[...]`. Cause: {error}"
             ) from error

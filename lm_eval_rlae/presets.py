@@ -35,14 +35,18 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = [
+    "ADAPTERS_DIR",
     "PRESETS",
     "Preset",
+    "SPECIALIST_PRESETS",
     "PresetUnavailableError",
     "cache_dir",
+    "hf_model_args",
     "is_preset",
     "main",
     "preset_dir",
     "resolve_preset",
+    "specialist_adapter",
 ]
 
 # Bump when the layout or content of a converted directory changes: older caches are rebuilt.
@@ -149,6 +153,35 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Specialists: a base preset plus a LoRA adapter committed in this package (built by
+# `rlae-build-specialists`, trainer/specialists.py, on the train splits of the offline tasks).
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+SPECIALIST_PRESETS: dict[str, str] = {  # name -> base preset
+    "smollm2-135m-math": "smollm2-135m",
+    "gemma3-270m-lang": "gemma3-270m",
+}
+
+
+def specialist_adapter(name: str) -> str | None:
+    """The peft adapter directory of specialist preset `name`; None when `name` is no specialist."""
+    if name not in SPECIALIST_PRESETS:
+        return None
+    adapter = ADAPTERS_DIR / name
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise PresetUnavailableError(
+            f"specialist preset {name!r} has no adapter at {adapter}; build it with "
+            f"`rlae-build-specialists {name}` (about half an hour on 2 CPU cores)"
+        )
+    return str(adapter)
+
+
+def hf_model_args(name: str) -> str:
+    """`--model hf` model_args for a model name: a preset's directory (a specialist's with `peft=`)."""
+    adapter = specialist_adapter(name)
+    args = f"pretrained={resolve_preset(name) or name},dtype=float32"
+    return args + (f",peft={adapter}" if adapter else "")
+
+
 def _missing_message(preset: Preset) -> str:
     return (
         f"member preset {preset.name!r} ({preset.description}) needs the PyPI package "
@@ -159,7 +192,7 @@ def _missing_message(preset: Preset) -> str:
 
 
 def is_preset(name: str) -> bool:
-    return name in PRESETS
+    return name in PRESETS or name in SPECIALIST_PRESETS
 
 
 def preset_dir(name: str) -> Path:
@@ -204,13 +237,15 @@ def _convert(preset: Preset, out: Path, scratch: Path) -> dict:
 def resolve_preset(name: str) -> str | None:
     """The local transformers directory of preset `name`, converting it on first use.
 
+    A specialist preset resolves to its base model's directory (its adapter: `specialist_adapter`).
     Returns None when `name` is not a preset (it is then a hub id or a local path). Raises
     `PresetUnavailableError`, naming the `pip install` that fixes it, when the preset's package is
     missing.
     """
-    preset = PRESETS.get(name)
+    preset = PRESETS.get(SPECIALIST_PRESETS.get(name, name))
     if preset is None:
         return None
+    name = preset.name
     target = preset_dir(name)
     if _is_complete(target):
         return str(target)
@@ -289,8 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lm_eval_rlae.presets",
         description="Print the local directory of a member preset, converting it on first use.",
     )
-    parser.add_argument("names", nargs="*", help=f"preset names: {', '.join(PRESETS)}")
+    parser.add_argument("names", nargs="*", help=f"preset names: {', '.join([*PRESETS, *SPECIALIST_PRESETS])}")
     parser.add_argument("--list", action="store_true", help="list the presets and their state")
+    parser.add_argument(
+        "--model-args",
+        action="store_true",
+        help="print `--model hf` model_args instead (pretrained=DIR, and peft=ADAPTER for a specialist)",
+    )
     args = parser.parse_args(argv)
     if args.list or not args.names:
         for p in PRESETS.values():
@@ -298,20 +338,24 @@ def main(argv: list[str] | None = None) -> int:
                 "package installed" if _package_dir(p.module) else "package missing"
             )
             print(f"{p.name}\t{state}\t{p.requirement}\t{p.description}")
+        for name, base in SPECIALIST_PRESETS.items():
+            state = "adapter committed" if (ADAPTERS_DIR / name / "adapter_model.safetensors").is_file() else "adapter missing"
+            print(f"{name}\t{state}\t{base} + LoRA adapter {ADAPTERS_DIR / name}")
         return 0
     status = 0
     for name in args.names:
         try:
             path = resolve_preset(name)
+            model_args = hf_model_args(name) if path else None
         except PresetUnavailableError as err:
             print(err, file=sys.stderr)
             status = 1
             continue
         if path is None:
-            print(f"{name!r} is not a preset; known: {', '.join(PRESETS)}", file=sys.stderr)
+            print(f"{name!r} is not a preset; known: {', '.join([*PRESETS, *SPECIALIST_PRESETS])}", file=sys.stderr)
             status = 2
             continue
-        print(path)
+        print(model_args if args.model_args else path)
     return status
 
 
