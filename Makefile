@@ -39,6 +39,15 @@ demo:
 	@$(MAKE) --no-print-directory models data
 	$(OFFLINE) $(PY) -m lm_eval_rlae.demo
 
+# The specialist LoRA adapters (issue 4): committed; this rebuilds them from the train splits
+# (about an hour on 2 CPU cores; resumes from its checkpoints), then the table on the test splits.
+.PHONY: specialists specialist-table
+specialists: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-build-specialists
+
+specialist-table: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-specialist-table
+
 # Only the real-member integration tests.
 integration: setup models data
 	$(OFFLINE) $(PY) -m pytest -q -m integration tests/integration

@@ -9,6 +9,7 @@
                  perplexity, bits_per_byte
 - ``tiny_gen_shuf``, ``tiny_mc_shuf``, ``tiny_roll_shuf``: the same docs in another order
 
+``tiny_gen`` and ``tiny_mc`` have a train split too (the same docs), for training code.
 Every doc has an ``id`` field; compare per-sample results across orders by ``sample["doc"]["id"]``.
 Load with ``lm_eval.tasks.TaskManager(include_path=root)``.
 """
@@ -87,7 +88,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+    train: {data}
 test_split: test
+training_split: train
 output_type: generate_until
 doc_to_text: "Q: {{{{question}}}}\\nA:"
 doc_to_target: "{{{{answer}}}}"
@@ -113,7 +116,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+    train: {data}
 test_split: test
+training_split: train
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_choice: "{{{{choices}}}}"
