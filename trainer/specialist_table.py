@@ -1,0 +1,108 @@
+"""The specialists' table: on the test splits of both skill sets, each specialist alone (`--model hf`
+with its adapter), the two ensembled with uniform weights (`--model rlae`), and the per-task oracle
+routing (each task sent to its better specialist): the headroom a learned weighting can capture.
+
+    rlae-specialist-table [--limit 40] [--output results/specialists]
+
+Writes `table.md` (the table below, per task and per skill set) and `table.png` (the same as bars)
+into the output directory, with the harness's own results and logs of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lm_eval_rlae.demo import compare, wilson
+from trainer.specialists import SPECIALISTS
+
+PRIMARY_METRICS = ("acc,none", "exact_match,numeric")  # multiple choice; numeric generation
+
+
+def primary(rows: dict, task: str) -> tuple[float, int] | None:
+    for metric in PRIMARY_METRICS:
+        if (task, metric) in rows:
+            return rows[(task, metric)]
+    return None
+
+
+def table(results: dict, limit: int) -> tuple[str, dict]:
+    """Markdown of per-task accuracies (and skill-set means); also returns {column: {task: acc}}."""
+    names = list(SPECIALISTS)
+    columns = {f"{name} alone": results[f"hf {name}"] for name in names} | {"uniform ensemble": results["rlae uniform"]}
+    scores: dict[str, dict[str, float]] = {col: {} for col in [*columns, "oracle routing"]}
+    lines = [
+        f"| skill set | task | n | {' | '.join(scores)} |",
+        "|" + " --- |" * (3 + len(scores)),
+    ]
+    for owner in names:
+        tasks = SPECIALISTS[owner].tasks
+        for task in tasks:
+            cells, n = [], 0
+            for col, rows in columns.items():
+                value, n = primary(rows, task)
+                scores[col][task] = value
+                cells.append(f"{100 * value:.1f}")
+            scores["oracle routing"][task] = max(scores[f"{name} alone"][task] for name in names)
+            cells.append(f"{100 * scores['oracle routing'][task]:.1f}")
+            lines.append(f"| {owner} | {task} | {n} | {' | '.join(cells)} |")
+        means = [sum(scores[col][t] for t in tasks) / len(tasks) for col in scores]
+        lines.append(f"| **{owner}** | **mean of {len(tasks)} tasks** | | {' | '.join(f'**{100 * m:.1f}**' for m in means)} |")
+    all_tasks = [t for name in names for t in SPECIALISTS[name].tasks]
+    means = [sum(scores[col][t] for t in all_tasks) / len(all_tasks) for col in scores]
+    lines.append(f"| **both** | **mean of {len(all_tasks)} tasks** | | {' | '.join(f'**{100 * m:.1f}**' for m in means)} |")
+    low, high = wilson(0.5, limit)
+    half = 100 * (high - low) / 2
+    lines.append("")
+    lines.append(
+        f"Accuracy (%) on the first {limit} test documents of each task (fewer where the split is smaller); "
+        f"multiple choice: `acc`, generation: `exact_match` of the first number. A single task's 95% interval is "
+        f"up to +/-{half:.0f} points at n={limit}; the skill-set means are much tighter."
+    )
+    return "\n".join(lines), scores
+
+
+def plot(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for name in SPECIALISTS for t in SPECIALISTS[name].tasks]
+    fig, ax = plt.subplots(figsize=(max(10, 0.7 * len(tasks)), 4.5))
+    width = 0.8 / len(scores)
+    for k, (col, values) in enumerate(scores.items()):
+        ax.bar([i + k * width for i in range(len(tasks))], [100 * values[t] for t in tasks], width, label=col)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
+    ax.set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy on the test split (%)")
+    ax.set_title("Specialists alone, uniform ensemble and per-task oracle routing")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlae-specialist-table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=40, help="test documents per task (default %(default)s)")
+    parser.add_argument("--output", type=Path, default=Path("results/specialists"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    tasks = ",".join(t for name in SPECIALISTS for t in SPECIALISTS[name].tasks)
+    results, seconds = compare(list(SPECIALISTS), tasks, args.limit, args.output)
+    markdown, scores = table(results, args.limit)
+    markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items()) + ".\n"
+    (args.output / "table.md").write_text(markdown)
+    plot(scores, args.output / "table.png")
+    print(markdown)
+    print(f"written: {args.output / 'table.md'}, {args.output / 'table.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
