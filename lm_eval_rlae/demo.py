@@ -86,9 +86,10 @@ def _rows(res: dict) -> dict[tuple[str, str], tuple[float, int]]:
     return out
 
 
-def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8):
+def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, reuse: bool = False):
     """Each member alone (`--model hf`), then all of them ensembled with uniform weights (`--model
     rlae`), on the first `limit` test documents of `tasks`, through the harness's own command line.
+    `reuse`: a run whose results are already in `output` is read, not run again.
 
     Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME`, `rlae uniform`.
     """
@@ -102,6 +103,10 @@ def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8):
     for label, model_args in runs.items():
         out = output / label.replace(" ", "_")
         _say(f"\n--- {label}")
+        if reuse and any(out.rglob("results_*.json")):
+            results[label], seconds[label] = _rows(_results(out)), float("nan")
+            _say(f"(reused the results in {out})")
+            continue
         cmd = [sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)]
         seconds[label] = _run(cmd, output / f"{label.replace(' ', '_')}.log")
         results[label] = _rows(_results(out))

@@ -89,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlae-specialist-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=40, help="test documents per task (default %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("results/specialists"))
+    parser.add_argument("--reuse", action="store_true", help="read runs already in --output instead of running them again")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     tasks = ",".join(t for name in SPECIALISTS for t in SPECIALISTS[name].tasks)
-    results, seconds = compare(list(SPECIALISTS), tasks, args.limit, args.output)
+    results, seconds = compare(list(SPECIALISTS), tasks, args.limit, args.output, reuse=args.reuse)
     markdown, scores = table(results, args.limit)
-    markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items()) + ".\n"
+    markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items() if s == s) + ".\n"
     (args.output / "table.md").write_text(markdown)
     plot(scores, args.output / "table.png")
     print(markdown)

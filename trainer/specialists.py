@@ -71,7 +71,7 @@ SPECIALISTS: dict[str, SpecialistConfig] = {
             base="smollm2-135m",
             tasks=("bb_arithmetic_mc", *_ARITHMETIC, "bb_object_counting"),
             max_docs_per_task=600,
-            steps=250,
+            steps=200,
         ),
         SpecialistConfig(
             name="gemma3-270m-lang",
@@ -115,11 +115,13 @@ def task_examples(task_names, max_docs_per_task: int, include_path: Path = TASK_
         delimiter = task.config.target_delimiter
         for doc in docs:
             context = task.doc_to_text(doc)
+            target = task.doc_to_target(doc)
+            target = target[0] if isinstance(target, list) else target  # several accepted answers: the first
             if task.OUTPUT_TYPE == "multiple_choice":
-                answer = task.doc_to_choice(doc)[task.doc_to_target(doc)]
+                answer = task.doc_to_choice(doc)[target]
             elif task.OUTPUT_TYPE == "generate_until":
                 # teach the stop too: generation ends at the first stop sequence
-                answer = str(task.doc_to_target(doc)) + task.config.generation_kwargs["until"][0]
+                answer = str(target) + task.config.generation_kwargs["until"][0]
             else:
                 raise ValueError(f"task {name!r} is {task.OUTPUT_TYPE}; specialists train on multiple_choice and generate_until tasks")
             examples.append((name, context, delimiter + answer))
