@@ -159,3 +159,16 @@ def test_rlae_one_hot_weights_equal_the_member_alone(task_manager, hf_runs):
     for doc_id in want:
         assert got[doc_id] == pytest.approx(want[doc_id], abs=1e-4), doc_id
     assert _answers(out, GEN_TASK) == _answers(ref, GEN_TASK)
+
+
+def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(task_manager, hf_runs):
+    """`smollm2-135m-math` is the base preset plus its committed LoRA adapter, in rlae and in hf."""
+    from lm_eval_rlae.presets import hf_model_args
+
+    math_alone = _evaluate(task_manager, "hf", hf_model_args("smollm2-135m-math"), batch_size=4)
+    out = _evaluate(task_manager, "rlae", "members=[smollm2-135m-math,gemma3-270m-lang],weights=[1,0]")
+    got, want, base = (_loglikelihoods(run, MC_TASK) for run in (out, math_alone, hf_runs[SMOL]))
+    for doc_id in want:
+        assert got[doc_id] == pytest.approx(want[doc_id], abs=1e-4), doc_id
+    assert any(abs(a - b) > 1e-2 for d in want for a, b in zip(want[d], base[d]))  # the adapter is applied
+    assert _answers(out, GEN_TASK) == _answers(math_alone, GEN_TASK)
