@@ -259,8 +259,10 @@ def build(
     out = out_root / config.name
     work = (work_root or cache_dir() / "specialists") / config.name
     checkpoint = work / "checkpoint"
+    previous = checkpoint.with_name(checkpoint.name + ".old")
     if restart:
         shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     base = resolve_preset(config.base) or config.base
     lm = HFLM(pretrained=base, device="cpu", dtype="float32", batch_size=1)
     examples = task_examples(config.tasks, config.max_docs_per_task, include_path)
@@ -279,6 +281,8 @@ def build(
     model.train()
     optimizer = torch.optim.AdamW(_trainable(model).values(), lr=config.lr, weight_decay=config.weight_decay)
     step, log = 0, []
+    if not checkpoint.exists() and previous.exists():  # killed between the two renames of save_checkpoint
+        os.replace(previous, checkpoint)
     if checkpoint.exists():
         step, log = load_checkpoint(checkpoint, model, optimizer, config)
         logger.info("%s: resuming from step %d of %d (%s)", config.name, step, config.steps, checkpoint)
