@@ -101,14 +101,15 @@ def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, 
     runs["rlae uniform"] = ["--model", "rlae", "--model_args", f"members=[{','.join(members)}],weights=uniform"]
     results, seconds = {}, {}
     for label, model_args in runs.items():
-        out = output / label.replace(" ", "_")
+        slug = label.replace(" ", "_")
+        out = output / slug
         _say(f"\n--- {label}")
         if reuse and any(out.rglob("results_*.json")):
             results[label], seconds[label] = _rows(_results(out)), float("nan")
             _say(f"(reused the results in {out})")
             continue
         cmd = [sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)]
-        seconds[label] = _run(cmd, output / f"{label.replace(' ', '_')}.log")
+        seconds[label] = _run(cmd, output / f"{slug}.log")
         results[label] = _rows(_results(out))
         _say(f"({seconds[label]:.0f} s)")
     return results, seconds

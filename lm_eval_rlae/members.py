@@ -100,10 +100,10 @@ class Member:
                 **extra,
             )
         except (OSError, ValueError, EnvironmentError) as error:
-            from lm_eval_rlae.presets import PRESETS, SPECIALIST_PRESETS
+            from lm_eval_rlae.presets import preset_names
 
             raise ValueError(
-                f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted([*PRESETS, *SPECIALIST_PRESETS]))}), "
+                f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(preset_names()))}), "
                 f"not a local model directory, and could not be fetched as a Hugging Face hub id "
                 f"(offline, or no such model). Fix the name or path in `members=[...]`. Cause: {error}"
             ) from error

@@ -45,6 +45,7 @@ __all__ = [
     "is_preset",
     "main",
     "preset_dir",
+    "preset_names",
     "resolve_preset",
     "specialist_adapter",
 ]
@@ -162,12 +163,21 @@ SPECIALIST_PRESETS: dict[str, str] = {  # name -> base preset
 }
 
 
+def preset_names() -> list[str]:
+    """Every name `members=[...]` accepts as a preset: the base models, then the specialists."""
+    return [*PRESETS, *SPECIALIST_PRESETS]
+
+
+def _has_adapter(name: str) -> bool:
+    return (ADAPTERS_DIR / name / "adapter_model.safetensors").is_file()
+
+
 def specialist_adapter(name: str) -> str | None:
     """The peft adapter directory of specialist preset `name`; None when `name` is no specialist."""
     if name not in SPECIALIST_PRESETS:
         return None
     adapter = ADAPTERS_DIR / name
-    if not (adapter / "adapter_model.safetensors").is_file():
+    if not _has_adapter(name):
         raise PresetUnavailableError(
             f"specialist preset {name!r} has no adapter at {adapter}; build it with "
             f"`rlae-build-specialists {name}` (about half an hour on 2 CPU cores)"
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lm_eval_rlae.presets",
         description="Print the local directory of a member preset, converting it on first use.",
     )
-    parser.add_argument("names", nargs="*", help=f"preset names: {', '.join([*PRESETS, *SPECIALIST_PRESETS])}")
+    parser.add_argument("names", nargs="*", help=f"preset names: {', '.join(preset_names())}")
     parser.add_argument("--list", action="store_true", help="list the presets and their state")
     parser.add_argument(
         "--model-args",
@@ -339,23 +349,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{p.name}\t{state}\t{p.requirement}\t{p.description}")
         for name, base in SPECIALIST_PRESETS.items():
-            state = "adapter committed" if (ADAPTERS_DIR / name / "adapter_model.safetensors").is_file() else "adapter missing"
+            state = "adapter committed" if _has_adapter(name) else "adapter missing"
             print(f"{name}\t{state}\t{base} + LoRA adapter {ADAPTERS_DIR / name}")
         return 0
     status = 0
     for name in args.names:
         try:
             path = resolve_preset(name)
-            model_args = hf_model_args(name) if path else None
+            if path and args.model_args:
+                path = hf_model_args(name)
         except PresetUnavailableError as err:
             print(err, file=sys.stderr)
             status = 1
             continue
         if path is None:
-            print(f"{name!r} is not a preset; known: {', '.join([*PRESETS, *SPECIALIST_PRESETS])}", file=sys.stderr)
+            print(f"{name!r} is not a preset; known: {', '.join(preset_names())}", file=sys.stderr)
             status = 2
             continue
-        print(model_args if args.model_args else path)
+        print(path)
     return status
 
 

@@ -19,6 +19,7 @@ from lm_eval_rlae.demo import compare, wilson
 from trainer.specialists import SPECIALISTS
 
 PRIMARY_METRICS = ("acc,none", "exact_match,numeric")  # multiple choice; numeric generation
+TASKS = [task for config in SPECIALISTS.values() for task in config.tasks]  # both skill sets, in table order
 
 
 def primary(rows: dict, task: str) -> tuple[float, int] | None:
@@ -37,6 +38,11 @@ def table(results: dict, limit: int) -> tuple[str, dict]:
         f"| skill set | task | n | {' | '.join(scores)} |",
         "|" + " --- |" * (3 + len(scores)),
     ]
+
+    def mean_row(label: str, tasks) -> str:
+        means = [sum(scores[col][t] for t in tasks) / len(tasks) for col in scores]
+        return f"| **{label}** | **mean of {len(tasks)} tasks** | | {' | '.join(f'**{100 * m:.1f}**' for m in means)} |"
+
     for owner in names:
         tasks = SPECIALISTS[owner].tasks
         for task in tasks:
@@ -48,11 +54,8 @@ def table(results: dict, limit: int) -> tuple[str, dict]:
             scores["oracle routing"][task] = max(scores[f"{name} alone"][task] for name in names)
             cells.append(f"{100 * scores['oracle routing'][task]:.1f}")
             lines.append(f"| {owner} | {task} | {n} | {' | '.join(cells)} |")
-        means = [sum(scores[col][t] for t in tasks) / len(tasks) for col in scores]
-        lines.append(f"| **{owner}** | **mean of {len(tasks)} tasks** | | {' | '.join(f'**{100 * m:.1f}**' for m in means)} |")
-    all_tasks = [t for name in names for t in SPECIALISTS[name].tasks]
-    means = [sum(scores[col][t] for t in all_tasks) / len(all_tasks) for col in scores]
-    lines.append(f"| **both** | **mean of {len(all_tasks)} tasks** | | {' | '.join(f'**{100 * m:.1f}**' for m in means)} |")
+        lines.append(mean_row(owner, tasks))
+    lines.append(mean_row("both", TASKS))
     low, high = wilson(0.5, limit)
     half = 100 * (high - low) / 2
     lines.append("")
@@ -70,13 +73,12 @@ def plot(scores: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for name in SPECIALISTS for t in SPECIALISTS[name].tasks]
-    fig, ax = plt.subplots(figsize=(max(10, 0.7 * len(tasks)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(10, 0.7 * len(TASKS)), 4.5))
     width = 0.8 / len(scores)
     for k, (col, values) in enumerate(scores.items()):
-        ax.bar([i + k * width for i in range(len(tasks))], [100 * values[t] for t in tasks], width, label=col)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
-    ax.set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=60, ha="right", fontsize=8)
+        ax.bar([i + k * width for i in range(len(TASKS))], [100 * values[t] for t in TASKS], width, label=col)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(TASKS))])
+    ax.set_xticklabels([t.removeprefix("bb_") for t in TASKS], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("accuracy on the test split (%)")
     ax.set_title("Specialists alone, uniform ensemble and per-task oracle routing")
     ax.legend(fontsize=8)
@@ -94,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-    tasks = ",".join(t for name in SPECIALISTS for t in SPECIALISTS[name].tasks)
-    results, seconds = compare(list(SPECIALISTS), tasks, args.limit, args.output, reuse=args.reuse)
+    results, seconds = compare(list(SPECIALISTS), ",".join(TASKS), args.limit, args.output, reuse=args.reuse)
     markdown, scores = table(results, args.limit)
     markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items() if s == s) + ".\n"
     (args.output / "table.md").write_text(markdown)

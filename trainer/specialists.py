@@ -94,7 +94,7 @@ SPECIALISTS: dict[str, SpecialistConfig] = {
         ),
     )
 }
-assert set(SPECIALISTS) == set(SPECIALIST_PRESETS), "presets.SPECIALIST_PRESETS names the adapters built here"
+assert {c.name: c.base for c in SPECIALISTS.values()} == SPECIALIST_PRESETS, "presets.SPECIALIST_PRESETS mirrors this table"
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def load_checkpoint(path: Path, model, optimizer, config: SpecialistConfig) -> t
     if meta["config"] != _jsonable(config):
         raise ValueError(
             f"the checkpoint in {path} was trained with another configuration; delete that directory "
-            f"(or pass --restart) to train from scratch, or pass --out elsewhere"
+            f"(or pass --restart) to train from scratch, or pass --work elsewhere"
         )
     tensors = load_file(str(path / "state.safetensors"))
     for n, p in _trainable(model).items():
@@ -279,7 +279,8 @@ def build(
     )
     model = get_peft_model(lm.model, lora)
     model.train()
-    optimizer = torch.optim.AdamW(_trainable(model).values(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, log = 0, []
     if not checkpoint.exists() and previous.exists():  # killed between the two renames of save_checkpoint
         os.replace(previous, checkpoint)
@@ -307,7 +308,7 @@ def build(
         ).logits  # [B, K, V]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model).values(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
