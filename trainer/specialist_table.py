@@ -2,7 +2,7 @@
 with its adapter), the two ensembled with uniform weights (`--model rlae`), and the per-task oracle
 routing (each task sent to its better specialist): the headroom a learned weighting can capture.
 
-    rlae-specialist-table [--limit 40] [--output results/specialists]
+    rlae-specialist-table [--limit 80] [--output results/specialists] [--split test]
 
 Writes `table.md` (the table below, per task and per skill set) and `table.png` (the same as bars)
 into the output directory, with the harness's own results and logs of every run.
@@ -29,7 +29,7 @@ def primary(rows: dict, task: str) -> tuple[float, int] | None:
     return None
 
 
-def table(results: dict, limit: int) -> tuple[str, dict]:
+def table(results: dict, limit: int, split: str = "test") -> tuple[str, dict]:
     """Markdown of per-task accuracies (and skill-set means); also returns {column: {task: acc}}."""
     names = list(SPECIALISTS)
     columns = {f"{name} alone": results[f"hf {name}"] for name in names} | {"uniform ensemble": results["rlae uniform"]}
@@ -60,14 +60,14 @@ def table(results: dict, limit: int) -> tuple[str, dict]:
     half = 100 * (high - low) / 2
     lines.append("")
     lines.append(
-        f"Accuracy (%) on the first {limit} test documents of each task (fewer where the split is smaller); "
+        f"Accuracy (%) on the first {limit} {split} documents of each task (fewer where the split is smaller); "
         f"multiple choice: `acc`, generation: `exact_match` of the first number. A single task's 95% interval is "
         f"up to +/-{half:.0f} points at n={limit}; the skill-set means are much tighter."
     )
     return "\n".join(lines), scores
 
 
-def plot(scores: dict, path: Path) -> None:
+def plot(scores: dict, path: Path, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def plot(scores: dict, path: Path) -> None:
         ax.bar([i + k * width for i in range(len(TASKS))], [100 * values[t] for t in TASKS], width, label=col)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(TASKS))])
     ax.set_xticklabels([t.removeprefix("bb_") for t in TASKS], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy on the test split (%)")
+    ax.set_ylabel(f"accuracy on the {split} split (%)")
     ax.set_title("Specialists alone, uniform ensemble and per-task oracle routing")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -89,18 +89,22 @@ def plot(scores: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlae-specialist-table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=40, help="test documents per task (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=80, help="documents per task (default %(default)s)")
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="the split evaluated (default %(default)s; validation: for choosing, keeping test unseen)")
     parser.add_argument("--output", type=Path, default=Path("results/specialists"))
     parser.add_argument("--reuse", action="store_true", help="read runs already in --output instead of running them again")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-    results, seconds = compare(list(SPECIALISTS), ",".join(TASKS), args.limit, args.output, reuse=args.reuse)
-    markdown, scores = table(results, args.limit)
+    results, seconds = compare(
+        list(SPECIALISTS), ",".join(TASKS), args.limit, args.output, reuse=args.reuse, split=args.split
+    )
+    markdown, scores = table(results, args.limit, args.split)
     markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items() if s == s) + ".\n"
     (args.output / "table.md").write_text(markdown)
-    plot(scores, args.output / "table.png")
+    plot(scores, args.output / "table.png", args.split)
     print(markdown)
     print(f"written: {args.output / 'table.md'}, {args.output / 'table.png'}")
     return 0

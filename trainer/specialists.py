@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from lm_eval_rlae.offline_data import TASK_CONFIGS
 from lm_eval_rlae.presets import ADAPTERS_DIR, SPECIALIST_PRESETS, cache_dir, resolve_preset
 
 logger = logging.getLogger(__name__)
-TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"
 
 _ARITHMETIC = [f"bb_arithmetic_{n}_digit_{op}" for n in (2, 3) for op in ("addition", "subtraction", "multiplication")]
 

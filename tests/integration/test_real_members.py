@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lm_eval_rlae.offline_data import TASK_CONFIGS
 from lm_eval_rlae.presets import PRESETS, resolve_preset
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,6 @@ pytestmark = pytest.mark.integration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-TASK_CONFIGS = Path(__file__).resolve().parents[2] / "task_configs"
 MC_TASK = "bb_sports_understanding"
 GEN_TASK = "bb_arithmetic_2_digit_addition"
 TASKS = [MC_TASK, GEN_TASK]
@@ -172,3 +172,16 @@ def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(
         assert got[doc_id] == pytest.approx(want[doc_id], abs=1e-4), doc_id
     assert any(abs(a - b) > 1e-2 for d in want for a, b in zip(want[d], base[d]))  # the adapter is applied
     assert _answers(out, GEN_TASK) == _answers(math_alone, GEN_TASK)
+
+
+def test_the_validation_configs_evaluate_validation_documents_under_the_same_names(task_manager, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_rlae.offline_data import split_of, task_configs
+
+    validation = TaskManager(include_path=str(task_configs("validation", tmp_path)), include_defaults=False)
+    for manager, split in ((task_manager, "test"), (validation, "validation")):
+        for name, task in manager.load(TASKS)["tasks"].items():
+            splits = {split_of(doc["doc_hash"]) for doc in task.eval_docs}
+            assert splits == {split}, (name, splits)
+    assert (TASK_CONFIGS / "offline/bigbench/_mc_template.yaml").read_text().count("test_split: test") == 1
