@@ -338,6 +338,7 @@ def _export(model, config: SpecialistConfig, out: Path, log: list) -> None:
     (out / "adapter_model.safetensors").chmod(0o644)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = config.base  # a preset name, not this machine's cache path
+    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in peft: stable order
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     losses = [entry["loss"] for entry in log]
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
