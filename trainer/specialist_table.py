@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         list(SPECIALISTS), ",".join(TASKS), args.limit, args.output, reuse=args.reuse, split=args.split
     )
     markdown, scores = table(results, args.limit, args.split)
-    markdown += "\nWall time: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items() if s == s) + ".\n"
+    timed = [f"{label} {s:.0f} s" for label, s in seconds.items() if s == s]  # reused runs: NaN
+    markdown += "\n" + (f"Wall time: {', '.join(timed)}.\n" if timed else "")
     (args.output / "table.md").write_text(markdown)
     plot(scores, args.output / "table.png", args.split)
     print(markdown)
