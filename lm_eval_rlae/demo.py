@@ -92,8 +92,8 @@ def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, 
 
     Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME`, `rlae uniform`.
     """
-    from lm_eval_rlae.offline_data import task_configs
-    from lm_eval_rlae.presets import hf_model_args
+    from lm_eval_rlae.offline.data import task_configs
+    from lm_eval_rlae.offline.presets import hf_model_args
 
     output.mkdir(parents=True, exist_ok=True)
     common = ["--include_path", str(task_configs(split, output)), "--tasks", tasks, "--limit", str(limit), "--batch_size", str(batch_size)]
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _say("one-time model conversion (1-3 minutes per model, cached) are done. Offline: no model hub.")
     _say("=" * 100)
 
-    from lm_eval_rlae.offline_data import prepare
+    from lm_eval_rlae.offline.data import prepare
 
     t0 = time.perf_counter()
     prepare()

@@ -17,9 +17,9 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from lm_eval_rlae.chat import encode_chat
-from lm_eval_rlae.fusion import Decoding, FusionEngine
-from lm_eval_rlae.members import Member, MemberSpec, parse_list
+from lm_eval_rlae.engine.chat import encode_chat
+from lm_eval_rlae.engine.fusion import Decoding, FusionEngine
+from lm_eval_rlae.engine.members import Member, MemberSpec, parse_list
 from lm_eval_rlae.policies import make_policy
 
 logger = logging.getLogger(__name__)

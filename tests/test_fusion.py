@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_rlae.fusion import Decoding, FusionEngine, Generation, _mix_segments, _Scored
-from lm_eval_rlae.members import Member, MemberSpec
+from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, _mix_segments, _Scored
+from lm_eval_rlae.engine.members import Member, MemberSpec
 from lm_eval_rlae.policies import FixedPolicy, UniformPolicy, WeightPolicy
 
 CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
@@ -116,7 +116,7 @@ def test_long_context_is_left_truncated_to_the_member_window(bpe_member):
 
 
 def test_chat_is_rendered_by_each_member_with_its_own_template(members):
-    from lm_eval_rlae.chat import encode_chat
+    from lm_eval_rlae.engine.chat import encode_chat
 
     messages = [{"role": "user", "content": "What is 2+2?"}]
     context = encode_chat(messages, add_generation_prompt=True)
@@ -147,7 +147,7 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
 def test_mixed_vocabularies_never_break_a_character(members):
     """Uniform over two tokenizer families: the bytes stay UTF-8 (only the last character may be
     cut by max_gen_toks), although each tiny member alone emits broken bytes freely."""
-    from lm_eval_rlae.utf8 import pending_continuation_bytes
+    from lm_eval_rlae.engine.utf8 import pending_continuation_bytes
 
     alone = _generation(members[:1], UniformPolicy(1), max_gen_toks=32)
     assert any(_invalid_inside(row.text) for row in alone.rows), "the scenario needs a member that breaks characters"

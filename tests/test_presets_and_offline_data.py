@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_rlae import offline_data, presets
+from lm_eval_rlae.offline import data as offline_data, presets
 
 
 @pytest.fixture()
@@ -32,7 +32,7 @@ def test_not_a_preset_is_none():
 def test_importing_presets_does_not_import_torch():
     import subprocess
 
-    code = "import sys, lm_eval_rlae.presets, lm_eval_rlae.offline_data; print('torch' in sys.modules)"
+    code = "import sys, lm_eval_rlae.offline.presets, lm_eval_rlae.offline.data; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_rlae import presets
+from lm_eval_rlae.offline import presets
 from trainer import specialists
 from trainer.specialists import SpecialistConfig, batch_schedule, build, collate
 

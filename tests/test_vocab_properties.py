@@ -1,4 +1,4 @@
-"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.vocab`) on both tiny tokenizer families.
+"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.engine.vocab`) on both tiny tokenizer families.
 
 MemberVocab: every id maps to the exact bytes it adds to the text; any byte string (partial UTF-8
 included) can be fed to a member. UnionVocab: every member token has a union id with identical
@@ -36,21 +36,21 @@ def tokenizers(bpe_member, sp_member):
 
 @pytest.fixture(scope="module")
 def vocabs(tokenizers):
-    from lm_eval_rlae.vocab import MemberVocab
+    from lm_eval_rlae.engine.vocab import MemberVocab
 
     return {k: MemberVocab.from_tokenizer(tok, vocab_size=None) for k, tok in tokenizers.items()}
 
 
 @pytest.fixture(scope="module")
 def padded_vocabs(tokenizers):
-    from lm_eval_rlae.vocab import MemberVocab
+    from lm_eval_rlae.engine.vocab import MemberVocab
 
     return {k: MemberVocab.from_tokenizer(tok, vocab_size=len(tok) + PAD_ROWS) for k, tok in tokenizers.items()}
 
 
 @pytest.fixture(scope="module", params=["plain", "padded"])
 def union(request, vocabs, padded_vocabs):
-    from lm_eval_rlae.vocab import UnionVocab
+    from lm_eval_rlae.engine.vocab import UnionVocab
 
     mvs = vocabs if request.param == "plain" else padded_vocabs
     members = [mvs["bpe"], mvs["sp"]]
@@ -245,7 +245,7 @@ def test_union_bytes_are_unique_up_to_a_members_own_duplicates(union):
 
 
 def test_a_single_member_union_is_one_to_one(vocabs):
-    from lm_eval_rlae.vocab import UnionVocab
+    from lm_eval_rlae.engine.vocab import UnionVocab
 
     for kind, mv in vocabs.items():
         uv = UnionVocab([mv])
@@ -276,7 +276,7 @@ def test_union_ids_of_canonical_tokens_spell_the_text(union, tokenizers):
 
 
 def test_scatter_conserves_probability_and_is_identity_for_one_member(vocabs):
-    from lm_eval_rlae.vocab import UnionVocab
+    from lm_eval_rlae.engine.vocab import UnionVocab
 
     gen = torch.Generator().manual_seed(0)
     mvs = [vocabs["bpe"], vocabs["sp"]]

@@ -5,7 +5,7 @@
   the test splits (`rlae-specialist-table`).
 - The RL environment (one document per episode, one span per step), the PPO / MAPPO agents trained
   with Tianshou, task-metric rewards and `rlae-train` come with the learned-agents issue;
-  `lm_eval_rlae.fusion.Generation` is the decoding seam they drive.
+  `lm_eval_rlae.engine.fusion.Generation` is the decoding seam they drive.
 
 It imports the runtime (`lm_eval_rlae`); the runtime never imports it.
 """

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lm_eval_rlae.offline_data import TASK_CONFIGS
-from lm_eval_rlae.presets import ADAPTERS_DIR, SPECIALIST_PRESETS, cache_dir, resolve_preset
+from lm_eval_rlae.offline.data import TASK_CONFIGS
+from lm_eval_rlae.offline.presets import ADAPTERS_DIR, SPECIALIST_PRESETS, cache_dir, resolve_preset
 
 logger = logging.getLogger(__name__)
 

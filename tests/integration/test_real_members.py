@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_rlae.offline_data import TASK_CONFIGS
-from lm_eval_rlae.presets import PRESETS, resolve_preset
+from lm_eval_rlae.offline.data import TASK_CONFIGS
+from lm_eval_rlae.offline.presets import PRESETS, resolve_preset
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def member_dirs() -> dict[str, str]:
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_rlae.offline_data import is_prepared, prepare
+    from lm_eval_rlae.offline.data import is_prepared, prepare
 
     if not is_prepared():
         prepare()
@@ -163,7 +163,7 @@ def test_rlae_one_hot_weights_equal_the_member_alone(task_manager, hf_runs):
 
 def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(task_manager, hf_runs):
     """`smollm2-135m-math` is the base preset plus its committed LoRA adapter, in rlae and in hf."""
-    from lm_eval_rlae.presets import hf_model_args
+    from lm_eval_rlae.offline.presets import hf_model_args
 
     math_alone = _evaluate(task_manager, "hf", hf_model_args("smollm2-135m-math"), batch_size=4)
     out = _evaluate(task_manager, "rlae", "members=[smollm2-135m-math,gemma3-270m-lang],weights=[1,0]")
@@ -177,7 +177,7 @@ def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(
 def test_the_validation_configs_evaluate_validation_documents_under_the_same_names(task_manager, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_rlae.offline_data import split_of, task_configs
+    from lm_eval_rlae.offline.data import split_of, task_configs
 
     validation = TaskManager(include_path=str(task_configs("validation", tmp_path)), include_defaults=False)
     for manager, split in ((task_manager, "test"), (validation, "validation")):

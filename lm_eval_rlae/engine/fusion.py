@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lm_eval_rlae import utf8
-from lm_eval_rlae.chat import render
-from lm_eval_rlae.members import Member, MemberStream
+from lm_eval_rlae.engine import utf8
+from lm_eval_rlae.engine.chat import render
+from lm_eval_rlae.engine.members import Member, MemberStream
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
-from lm_eval_rlae.vocab import UnionVocab
+from lm_eval_rlae.engine.vocab import UnionVocab
 
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _MAX_LOGITS = 2**28  # float32 scores held at once when scoring: 1 GiB

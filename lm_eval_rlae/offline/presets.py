@@ -15,7 +15,7 @@ into a temporary directory next to the target and renamed into place, so an inte
 never leaves a directory that loads half a model. The directory is what `--model hf --model_args
 pretrained=<dir>` and `AutoModelForCausalLM.from_pretrained(dir)` take:
 
-    python -m lm_eval_rlae.presets smollm2-135m      # prints the directory, converting on first use
+    python -m lm_eval_rlae.offline.presets smollm2-135m      # prints the directory, converting on first use
 
 This module is imported by the runtime at start-up paths: it must not import torch or transformers
 at import time.
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m lm_eval_rlae.presets",
+        prog="python -m lm_eval_rlae.offline.presets",
         description="Print the local directory of a member preset, converting it on first use.",
     )
     parser.add_argument("names", nargs="*", help=f"preset names: {', '.join(preset_names())}")

@@ -26,7 +26,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from lm_eval_rlae import utf8
+from lm_eval_rlae.engine import utf8
 
 logger = logging.getLogger(__name__)
 

