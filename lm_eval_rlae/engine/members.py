@@ -109,6 +109,10 @@ class Member:
             ) from error
         if self.lm.backend != "causal":
             raise ValueError(f"member {self.name!r} is a {self.lm.backend} model; rlae ensembles causal (decoder-only) LMs only")
+        if hasattr(self.lm.model, "merge_and_unload"):
+            # A peft adapter is only evaluated here: merged once into the base weights, it is the same
+            # function without LoRA's extra matmuls in every layer (about 40% of a CPU decode step).
+            self.lm._model = self.lm.model.merge_and_unload()
         self.model = self.lm.model
         self.tokenizer = self.lm.tokenizer
         self.device = self.lm.device
