@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, _mix_segments, _Scored
+from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, Scored, mixture_logprob
 from lm_eval_rlae.engine.members import Member, MemberSpec
 from lm_eval_rlae.policies import FixedPolicy, UniformPolicy, WeightPolicy
 
@@ -128,7 +128,7 @@ def test_chat_is_rendered_by_each_member_with_its_own_template(members):
 
 
 def _scored(lengths, logprobs):
-    return _Scored(np.array(logprobs, dtype=float), np.array(lengths), True, torch.zeros(1), None)
+    return Scored(np.array(logprobs, dtype=float), np.array(lengths), True, torch.zeros(1), None)
 
 
 def test_segments_are_cut_where_every_member_has_a_boundary():
@@ -136,12 +136,12 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     a, b = _scored([2, 2], [-1.0, -2.0]), _scored([2, 1, 1], [-0.5, -1.0, -1.5])
     w = np.array([0.25, 0.75])
     expected = math.log(0.25 * math.exp(-1.0) + 0.75 * math.exp(-0.5)) + math.log(0.25 * math.exp(-2.0) + 0.75 * math.exp(-2.5))
-    assert _mix_segments([a, b], w) == pytest.approx(expected, abs=1e-12)
+    assert mixture_logprob([a, b], w) == pytest.approx(expected, abs=1e-12)
     # A = [a][bcd], B = [ab][cd]: no common inner boundary, one segment
     a = _scored([1, 3], [-1.0, -2.0])
-    assert _mix_segments([a, b], w) == pytest.approx(math.log(0.25 * math.exp(-3.0) + 0.75 * math.exp(-3.0)), abs=1e-12)
+    assert mixture_logprob([a, b], w) == pytest.approx(math.log(0.25 * math.exp(-3.0) + 0.75 * math.exp(-3.0)), abs=1e-12)
     # one-hot weights give that member's own sum exactly
-    assert _mix_segments([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
+    assert mixture_logprob([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
 
 
 def test_mixed_vocabularies_never_break_a_character(members):

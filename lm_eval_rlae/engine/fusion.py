@@ -66,7 +66,7 @@ class _Row:
 
 
 @dataclass
-class _Scored:
+class Scored:
     """One member's score of one request: per-token log-probs and bytes, and the decision state."""
 
     token_logprobs: np.ndarray  # [n]
@@ -84,6 +84,7 @@ class FusionEngine:
         self.device = members[0].device  # where the members' distributions are fused
         self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        policy.bind(members, self.union)
 
     # ---------------------------------------------------------------- generation
 
@@ -99,12 +100,28 @@ class FusionEngine:
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """log p(continuation | context) under the mixture, and whether it is greedy (see `_mix`)."""
-        scored = [
+        """log p(continuation | context) under the mixture, and whether it is greedy (see `mix`)."""
+        scored = self.score(requests)
+        return mix(scored, self.policy(self.decision_state(scored, [context for context, _ in requests])))
+
+    def score(self, requests: list[tuple[str, str]]) -> list[list[Scored]]:
+        """Each member's score of each (context, continuation): M x [R]. With `decision_state` and
+        `mix`, the seam a trainer uses to score documents once and mix them under many weights."""
+        return [
             self._score(member, [[_encode_pair(member, context, continuation)] for context, continuation in requests])
             for member in self.members
         ]
-        return self._mix(scored, [context for context, _ in requests])
+
+    def decision_state(self, scored: list[list[Scored]], contexts: list[str]) -> PolicyState:
+        """The policy's state at the end of each request's context (span 0, nothing generated)."""
+        batch = len(contexts)
+        return PolicyState(
+            member_logprobs=[torch.stack([s.decision_logprobs for s in per_member]) for per_member in scored],
+            member_hidden=[torch.stack([s.decision_hidden for s in per_member]) for per_member in scored] if self.policy.needs_hidden else None,
+            span_index=torch.zeros(batch, dtype=torch.long),
+            contexts=contexts,
+            generated=["" for _ in range(batch)],
+        )
 
     @torch.no_grad()
     def loglikelihood_rolling(self, strings: list[str]) -> list[float]:
@@ -124,9 +141,10 @@ class FusionEngine:
                 for string in strings
             ]
             scored.append(self._score(member, windows))
-        return [logprob for logprob, _ in self._mix(scored, ["" for _ in strings])]
+        weights = self.policy(self.decision_state(scored, ["" for _ in strings]))
+        return [logprob for logprob, _ in mix(scored, weights)]
 
-    def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[_Scored]:
+    def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[Scored]:
         """Score each request, given as one or more (context ids, continuation ids) windows."""
         windows = [window for request in requests for window in request]
         scored = []  # per window: (token log-probs, greedy, decision log-probs, decision hidden)
@@ -137,7 +155,7 @@ class FusionEngine:
         for request in requests:
             parts = scored[w : w + len(request)]
             out.append(
-                _Scored(
+                Scored(
                     token_logprobs=np.concatenate([lps for lps, *_ in parts]).astype(np.float64),
                     token_lengths=np.concatenate([token_lengths[target] for _, target in request]),
                     greedy=all(greedy for _, greedy, *_ in parts),
@@ -184,33 +202,6 @@ class FusionEngine:
                 )
             )
         return out
-
-    def _mix(self, scored: list[list[_Scored]], contexts: list[str]) -> list[tuple[float, bool]]:
-        """Combine members' scores per request with the policy's weights.
-
-        The text is cut into segments at byte offsets (counted from the end, where every member's
-        tokens end together) that are token boundaries for every member; a segment's probability
-        is the weighted mixture of the members' probabilities of it.
-
-        is_greedy: True when members holding more than half of the weight would each produce the
-        continuation greedily (every one of its tokens their argmax). With one member, identical
-        members or one-hot weights, this is exactly that member's is_greedy.
-        """
-        batch = len(contexts)
-        state = PolicyState(
-            member_logprobs=[torch.stack([s.decision_logprobs for s in per_member]) for per_member in scored],
-            member_hidden=[torch.stack([s.decision_hidden for s in per_member]) for per_member in scored] if self.policy.needs_hidden else None,
-            span_index=torch.zeros(batch, dtype=torch.long),
-            contexts=contexts,
-            generated=["" for _ in range(batch)],
-        )
-        weights = self.policy(state).cpu().double().numpy()  # [B, M]
-        results = []
-        for r in range(batch):
-            members = [per_member[r] for per_member in scored]
-            results.append((_mix_segments(members, weights[r]), float(sum(w for w, s in zip(weights[r], members) if s.greedy)) > 0.5))
-        return results
-
 
 class Generation:
     """A batch of contexts being decoded by the ensemble, one span at a time.
@@ -372,7 +363,27 @@ def _groups(windows: list[tuple[list[int], list[int]]], max_positions: int):
         yield group
 
 
-def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:
+def mix(scored: list[list[Scored]], weights: torch.Tensor) -> list[tuple[float, bool]]:
+    """Combine members' scores (M x [R]) per request with weights [R, M].
+
+    The text is cut into segments at byte offsets (counted from the end, where every member's
+    tokens end together) that are token boundaries for every member; a segment's probability
+    is the weighted mixture of the members' probabilities of it.
+
+    is_greedy: True when members holding more than half of the weight would each produce the
+    continuation greedily (every one of its tokens their argmax). With one member, identical
+    members or one-hot weights, this is exactly that member's is_greedy.
+    """
+    weights = weights.cpu().double().numpy()
+    results = []
+    for r, members in enumerate(zip(*scored)):
+        greedy_weight = float(sum(w for w, s in zip(weights[r], members) if s.greedy))
+        results.append((mixture_logprob(members, weights[r]), greedy_weight > 0.5))
+    return results
+
+
+def mixture_logprob(members: list[Scored], weights: np.ndarray) -> float:
+    """log p(text) of one request under the weighted mixture of its members' scores [M]."""
     remaining = [s.token_lengths[::-1].cumsum()[::-1] - s.token_lengths for s in members]  # bytes after each token
     common = remaining[0]
     for rem in remaining[1:]:

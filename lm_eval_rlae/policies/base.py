@@ -47,6 +47,10 @@ class WeightPolicy(abc.ABC):
     def __init__(self, n_members: int):
         self.n_members = n_members
 
+    def bind(self, members: list, union) -> None:
+        """Called once by the engine with its members and their `UnionVocab`, before any state:
+        a policy that reads more than the state (a learned agent) checks and prepares itself here."""
+
     @abc.abstractmethod
     def weights(self, state: PolicyState) -> torch.Tensor:
         """[B, M] non-negative weights (normalised by `__call__`)."""
