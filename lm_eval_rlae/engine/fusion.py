@@ -79,12 +79,16 @@ class Scored:
 class FusionEngine:
     def __init__(self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234):
         self.members = members
-        self.policy = policy
         self.span_length = span_length
         self.device = members[0].device  # where the members' distributions are fused
         self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        policy.bind(members, self.union)
+        self.use(policy)
+
+    def use(self, policy: WeightPolicy) -> None:
+        """Set the weight policy, bound to these members and their union."""
+        policy.bind(self.members, self.union)
+        self.policy = policy
 
     # ---------------------------------------------------------------- generation
 
@@ -167,41 +171,74 @@ class FusionEngine:
         return out
 
     def _score_windows(self, member: Member, windows: list[tuple[list[int], list[int]]]) -> list[tuple]:
-        """One right-padded forward over windows, truncated as lm-eval's HFLM does, with logits
-        only at the continuation positions. Windows with the same input and target length (the
-        one-token choices of a question) share one row, as HFLM's logits cache does."""
-        inputs = [tuple((context + continuation)[-(member.max_length + 1) :][:-1]) for context, continuation in windows]
-        targets = [torch.tensor(continuation) for _, continuation in windows]
-        row_of: dict[tuple, int] = {}
-        keys = [(ids, len(target)) for ids, target in zip(inputs, targets)]
-        for key in keys:
-            row_of.setdefault(key, len(row_of))
-        lengths = torch.tensor([len(ids) for ids, _ in row_of])  # [N] unique rows
-        spans = torch.tensor([n for _, n in row_of])
-        width, span = int(lengths.max()), int(spans.max())
-        input_ids = torch.zeros(len(row_of), width, dtype=torch.long)
-        for i, (ids, _) in enumerate(row_of):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        positions = torch.arange(width)[None, :].expand(len(row_of), -1)
-        first = lengths - spans  # position of each row's first target
-        keep = (first[:, None] + torch.arange(span)[None, :]).clamp(max=(lengths - 1)[:, None])  # [N, span]
-        logits, hidden, _ = member.forward(input_ids, mask, positions, keep, hidden=self.policy.needs_hidden)
-        normaliser = logits.logsumexp(dim=-1)  # [N, span]
-        greedy_ids = logits.argmax(dim=-1).cpu()
+        """Windows truncated as lm-eval's HFLM truncates them, in two batched forwards.
+
+        1. Each distinct prefix (a window's input up to its last context token) once, left-padded
+           so that every prefix ends in the same cache slot (sliding-window layers count slots);
+           its last position predicts the first continuation token and is the decision state.
+        2. The rest of every continuation, right-padded after its own prefix's KV cache.
+
+        The choices of a question share their context's forward: k choices cost one context and
+        k continuations, not k contexts (HFLM reads the context k times).
+        """
+        from transformers import DynamicCache
+
+        # a window with nothing to score ([prefix], []) reads its context alone, for the decision state after it
+        inputs = [(context + continuation)[-(member.max_length + 1) :][:-1] or context for context, continuation in windows]
+        targets = [torch.tensor(continuation, dtype=torch.long) for _, continuation in windows]
+        prefixes = [tuple(ids[: max(len(ids) - len(target) + 1, 1)]) for ids, target in zip(inputs, targets)]
+        group_of = {prefix: g for g, prefix in enumerate(dict.fromkeys(prefixes))}
+        lengths = torch.tensor([len(prefix) for prefix in group_of])  # [G]
+        width = int(lengths.max())
+        prefix_ids = torch.zeros(len(group_of), width, dtype=torch.long)
+        for g, prefix in enumerate(group_of):
+            prefix_ids[g, width - len(prefix) :] = torch.tensor(prefix)
+        prefix_mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()  # [G, W]
+        cache = DynamicCache(config=member.model.config)
+        first, hidden, cache = member.forward(
+            prefix_ids, prefix_mask, (prefix_mask.cumsum(-1) - 1).clamp(min=0), torch.full((len(group_of), 1), width - 1),
+            cache=cache, hidden=self.policy.needs_hidden,
+        )  # first: [G, 1, V] at each prefix's last token
+        first = first[:, 0] - first[:, 0].logsumexp(-1, keepdim=True)  # [G, V] log-probs
+
+        rows = [i for i, target in enumerate(targets) if len(target) > 1]  # those with more to score
+        rest = None
+        if rows:
+            suffixes = [inputs[i][len(prefixes[i]) :] for i in rows]
+            span = max(map(len, suffixes))
+            suffix_ids = torch.zeros(len(rows), span, dtype=torch.long)
+            for r, suffix in enumerate(suffixes):
+                suffix_ids[r, : len(suffix)] = torch.tensor(suffix)
+            groups = torch.tensor([group_of[prefixes[i]] for i in rows])
+            cache.batch_select_indices(groups.to(member.device))  # each row continues its own prefix
+            suffix_mask = (torch.arange(span)[None, :] < torch.tensor([len(x) for x in suffixes])[:, None]).long()
+            positions = lengths[groups][:, None] + torch.arange(span)[None, :]
+            logits, _, _ = member.forward(
+                suffix_ids, torch.cat([prefix_mask[groups], suffix_mask], dim=1), positions,
+                torch.arange(span)[None, :].expand(len(rows), -1), cache=cache,
+            )
+            rest = (logits, logits.logsumexp(-1), logits.argmax(-1))  # [R, span, V], [R, span], [R, span]
+        row_of = {i: r for r, i in enumerate(rows)}
         out = []
-        for key, target in zip(keys, targets):
-            i, n = row_of[key], len(target)
-            token_logprobs = logits[i, :n].gather(-1, target.to(logits.device)[:, None])[:, 0] - normaliser[i, :n]
+        for i, (prefix, target) in enumerate(zip(prefixes, targets)):
+            g = group_of[prefix]
+            target = target.to(first.device)
+            logprobs = first[g, target[:1]]
+            greedy = first[g].argmax()[None]
+            if i in row_of:  # the rest of the continuation, normalised only where it is read
+                r, n = row_of[i], len(target) - 1
+                logprobs = torch.cat([logprobs, rest[0][r, torch.arange(n), target[1:]] - rest[1][r, :n]])
+                greedy = torch.cat([greedy, rest[2][r, :n]])
             out.append(
                 (
-                    token_logprobs.cpu().numpy(),
-                    bool((greedy_ids[i, :n] == target).all()),
-                    logits[i, 0] - normaliser[i, 0],
-                    hidden[i, 0] if hidden is not None else None,
+                    logprobs.cpu().numpy(),
+                    bool((greedy[: len(target)] == target).all()),
+                    first[g],
+                    hidden[g, 0] if hidden is not None else None,
                 )
             )
         return out
+
 
 class Generation:
     """A batch of contexts being decoded by the ensemble, one span at a time.
