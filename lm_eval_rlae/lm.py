@@ -21,6 +21,7 @@ from lm_eval_rlae.engine.chat import encode_chat
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine
 from lm_eval_rlae.engine.members import Member, MemberSpec, parse_list
 from lm_eval_rlae.policies import make_policy
+from lm_eval_rlae.policies.agent import AgentPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ class RLAELM(LM):
                   of per-member options (`{"pretrained": ..., "device": "cuda:1", "dtype": "bfloat16",
                   "gguf_file": ..., "peft": ...}`)
     weights:      `uniform` or one non-negative weight per member, e.g. `[0.7,0.3]`
-    span_length:  union tokens generated between two calls of the weight policy
+    agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
+                  or the name of a shipped agent (`lm_eval_rlae/agents/`)
+    span_length:  union tokens generated between two calls of the weight policy (default: the
+                  agent's own, else 4)
     device/dtype: defaults for every member; `devices=[..]` / `dtypes=[..]` set them per member
     trust_remote_code: off unless asked, for every member
     """
@@ -40,8 +44,9 @@ class RLAELM(LM):
     def __init__(
         self,
         members=None,
-        weights="uniform",
-        span_length: int = 4,
+        weights=None,
+        agent: str | None = None,
+        span_length: int | None = None,
         device: str | None = None,
         dtype: str = "auto",
         devices=None,
@@ -56,13 +61,12 @@ class RLAELM(LM):
         entries = parse_list(members)
         if not entries:
             raise ValueError("rlae needs members: --model_args 'members=[model_a,model_b]' (hub ids, local paths or presets)")
-        if int(span_length) < 1:
+        if span_length is not None and int(span_length) < 1:
             raise ValueError(f"span_length={span_length}: it must be an integer >= 1 (tokens generated per weight decision)")
         per_member = {"device": parse_list(devices), "dtype": parse_list(dtypes)}
         for key, values in per_member.items():
             if values and len(values) != len(entries):
                 raise ValueError(f"{key}s has {len(values)} values for {len(entries)} members: give one per member")
-        policy = make_policy(weights, len(entries))  # arguments are checked before loading any model
         self.batch_size = _batch_size(batch_size, max_batch_size)
         specs = [
             MemberSpec.parse(
@@ -75,8 +79,16 @@ class RLAELM(LM):
             )
             for i, entry in enumerate(entries)
         ]
+        # arguments and the agent's checkpoint are checked before loading any model
+        if agent is not None:
+            if weights is not None:
+                raise ValueError(f"give weights={weights} or agent={agent}, not both: an agent sets the weights itself")
+            policy = AgentPolicy.load(str(agent), [spec.pretrained for spec in specs])
+            span_length = span_length or policy.spec.span_length
+        else:
+            policy = make_policy(weights, len(entries))
         self.members = [Member(spec) for spec in specs]
-        self.engine = FusionEngine(self.members, policy, span_length=int(span_length), seed=int(seed))
+        self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed))
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
 

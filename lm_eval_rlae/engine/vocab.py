@@ -17,6 +17,7 @@ to member m is `from_union[m]` (its own id for exactly those bytes) or, when m h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -141,6 +142,15 @@ class MemberVocab:
 
     def decode_bytes(self, ids) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Which vocabulary this is: sha256 of every id's bytes (special tokens: their content)."""
+        digest = hashlib.sha256()
+        for i, piece in enumerate(self.token_bytes):
+            piece = piece or self.special_content.get(i, "").encode("utf-8")
+            digest.update(len(piece).to_bytes(4, "little") + piece)
+        return digest.hexdigest()[:16]
 
     @cached_property
     def token_lengths(self) -> np.ndarray:
