@@ -3,6 +3,7 @@
 - ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
 - ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
+- ``sp_sliding_member``: the sp member with an 8-token sliding-window layer (as Gemma 3's 512)
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
 
@@ -51,6 +52,12 @@ def sp_member(tiny_models_dir) -> str:
 def bpe_padded_member(tiny_models_dir) -> str:
     """The bpe member with 40 extra logit rows past its tokenizer (zero weights: logit 0)."""
     return tiny_models.build_member("bpe_padded", tiny_models_dir / "bpe_padded")
+
+
+@pytest.fixture(scope="session")
+def sp_sliding_member(tiny_models_dir) -> str:
+    """The sp member whose first layer attends over a sliding window of 8 tokens."""
+    return tiny_models.build_member("sp_sliding", tiny_models_dir / "sp_sliding")
 
 
 @pytest.fixture(scope="session")

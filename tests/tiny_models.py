@@ -250,7 +250,9 @@ def build_bpe_model(tokenizer, seed: int = 1234, initializer_range: float = 0.3,
     return model
 
 
-def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3):
+def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3, sliding_window: int = 512):
+    """sliding_window below 512: a sliding-window layer then a full-attention one, as Gemma 3
+    alternates them (its window is 512 tokens), so the window bites on short prompts."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -264,7 +266,8 @@ def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3):
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=512,
-        sliding_window=512,
+        sliding_window=sliding_window,
+        layer_types=None if sliding_window >= 512 else ["sliding_attention", "full_attention"],
         initializer_range=initializer_range,
         bos_token_id=ids("<bos>"),
         eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
@@ -297,7 +300,8 @@ def _save(tokenizer, model, path: Path) -> str:
 def build_member(kind: str, path: str | os.PathLike) -> str:
     """Writes the tiny member ``kind`` into ``path``; returns the path as str.
 
-    kinds: "bpe", "sp", and "bpe_padded" (the bpe member with 40 logit rows past its tokenizer).
+    kinds: "bpe", "sp", "bpe_padded" (the bpe member with 40 logit rows past its tokenizer) and
+    "sp_sliding" (the sp member with an 8-token sliding-window layer).
     """
     path = Path(path)
     if kind == "bpe":
@@ -309,8 +313,11 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
     elif kind == "sp":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok)
+    elif kind == "sp_sliding":
+        tok = build_sp_tokenizer()
+        model = build_sp_model(tok, sliding_window=8)
     else:
-        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp' or 'bpe_padded'")
+        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'bpe_padded' or 'sp_sliding'")
     return _save(tok, model, path)
 
 

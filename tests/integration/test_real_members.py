@@ -174,6 +174,25 @@ def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(
     assert _answers(out, GEN_TASK) == _answers(math_alone, GEN_TASK)
 
 
+def test_gemma_alone_answers_a_short_prompt_batched_with_a_long_one_as_hf(member_dirs):
+    """Gemma 3's 512-token sliding-window layers count cache slots: a short prompt batched with a
+    ~1,300-token one must keep its own context (it once answered ' Paris Paris Paris ...')."""
+    import tiny_models
+    import tiny_tasks
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_rlae.lm import RLAELM
+
+    long = tiny_models.CORPUS + tiny_models.CORPUS[:1000] + "\nQuestion: How many legs does a spider have?\nAnswer:"
+    prompts = [long, "Question: What is the capital of France?\nAnswer:"]
+    hf = HFLM(pretrained=member_dirs[GEMMA], dtype="float32", device="cpu", batch_size=2)
+    assert len(hf.tok_encode(long)) > 1200
+    want = tiny_tasks.generate(hf, prompts, max_gen_toks=24)
+    assert want[1] == " Paris", want
+    got = tiny_tasks.generate(RLAELM(members=[GEMMA], device="cpu", batch_size=2), prompts, max_gen_toks=24)
+    assert got == want
+
+
 def test_the_validation_configs_evaluate_validation_documents_under_the_same_names(task_manager, tmp_path):
     from lm_eval.tasks import TaskManager
 
