@@ -3,6 +3,7 @@ says what to change."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -129,3 +130,63 @@ def test_max_gen_toks_longer_than_the_member_context(one_member_lm):
 def test_batch_size_below_one(bpe_member, batch_size):
     with pytest.raises(ValueError, match=r"batch_size"):
         rlae_class()(members=[bpe_member], batch_size=batch_size, device="cpu")
+
+
+# ---------------------------------------------------------------------------- empty texts
+
+ENSEMBLES = {"one": ["bpe"], "copies": ["sp", "sp"], "mixed": ["bpe", "sp"]}
+
+
+@pytest.fixture(scope="module")
+def ensembles(bpe_member, sp_member):
+    paths = {"bpe": bpe_member, "sp": sp_member}
+    return {label: rlae_class()(members=[paths[k] for k in kinds], device="cpu") for label, kinds in ENSEMBLES.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_members(bpe_member, sp_member):
+    from lm_eval.models.huggingface import HFLM
+
+    return {kind: HFLM(pretrained=path, device="cpu") for kind, path in (("bpe", bpe_member), ("sp", sp_member))}
+
+
+@pytest.mark.parametrize("context", ["Q: 12+7=\nA:", ""])
+@pytest.mark.parametrize("label", ENSEMBLES)
+def test_an_empty_continuation_is_named(ensembles, hf_members, label, context):
+    """hf stops on it (a bare AssertionError, or an IndexError for an empty context): rlae names
+    the request and says what to change."""
+    request = _instance("loglikelihood", (context, ""))
+    for hf in hf_members.values():
+        with pytest.raises((AssertionError, IndexError)):
+            hf.loglikelihood([request])
+    with pytest.raises(ValueError) as info:
+        ensembles[label].loglikelihood([_instance("loglikelihood", ("Q: 1+1=\nA:", " 2")), request])
+    message = str(info.value)
+    assert repr(context[-60:]) in message and "continuation ''" in message and "target_delimiter" in message, message
+
+
+@pytest.mark.parametrize("label", ENSEMBLES)
+def test_a_continuation_that_is_the_context_s_trailing_space_is_scored_as_hf(ensembles, hf_members, label):
+    """("A: ", "") is ("A:", " ") after the harness moves the context's trailing space."""
+    request = _instance("loglikelihood", ("Q: 12+7=\nA: ", ""))
+    (got, _), = ensembles[label].loglikelihood([request])
+    want = {kind: hf.loglikelihood([request])[0][0] for kind, hf in hf_members.items()}
+    kinds = set(ENSEMBLES[label])
+    if len(kinds) == 1:
+        assert got == pytest.approx(want[kinds.pop()], abs=1e-4)
+    else:  # a mixture of the two, at least their mean (Jensen)
+        assert max(want.values()) + 1e-4 >= got >= sum(want.values()) / 2 - 1e-4
+
+
+@pytest.mark.parametrize("label", ENSEMBLES)
+def test_an_empty_text_has_the_rolling_loglikelihood_hf_gives(ensembles, hf_members, label):
+    """hf scores the tokens its tokenizer gives "": none for bpe (0.0), <bos> for sp."""
+    request = _instance("loglikelihood_rolling", ("",))
+    want = {kind: hf.loglikelihood_rolling([request])[0] for kind, hf in hf_members.items()}
+    assert want["bpe"] == 0 and want["sp"] < 0
+    got = ensembles[label].loglikelihood_rolling([request, _instance("loglikelihood_rolling", ("x",))])[0]
+    kinds = set(ENSEMBLES[label])
+    if len(kinds) == 1:
+        assert got == pytest.approx(want[kinds.pop()], abs=1e-4)
+    else:  # each member's probability of the empty text, mixed: log(0.5 * 1 + 0.5 * p_sp(<bos>))
+        assert got == pytest.approx(math.log(0.5 + 0.5 * math.exp(want["sp"])), abs=1e-4)

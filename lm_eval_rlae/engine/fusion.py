@@ -114,6 +114,7 @@ class FusionEngine:
         scored = []
         for member in self.members:
             lm = member.lm
+            # a text without tokens (empty) is one empty window: nothing to score, log 1 = 0 as in hf
             windows = [
                 [
                     make_disjoint_window(window)
@@ -121,6 +122,7 @@ class FusionEngine:
                         token_list=lm.tok_encode(string), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1
                     )
                 ]
+                or [([lm.prefix_token_id], [])]
                 for string in strings
             ]
             scored.append(self._score(member, windows))
@@ -152,15 +154,16 @@ class FusionEngine:
         """One right-padded forward over windows, truncated as lm-eval's HFLM does, with logits
         only at the continuation positions. Windows with the same input and target length (the
         one-token choices of a question) share one row, as HFLM's logits cache does."""
-        inputs = [tuple((context + continuation)[-(member.max_length + 1) :][:-1]) for context, continuation in windows]
-        targets = [torch.tensor(continuation) for _, continuation in windows]
+        # an empty window ([prefix], []) reads its context alone, for the decision state after it
+        inputs = [tuple((context + continuation)[-(member.max_length + 1) :][:-1] or context) for context, continuation in windows]
+        targets = [torch.tensor(continuation, dtype=torch.long) for _, continuation in windows]
         row_of: dict[tuple, int] = {}
         keys = [(ids, len(target)) for ids, target in zip(inputs, targets)]
         for key in keys:
             row_of.setdefault(key, len(row_of))
         lengths = torch.tensor([len(ids) for ids, _ in row_of])  # [N] unique rows
         spans = torch.tensor([n for _, n in row_of])
-        width, span = int(lengths.max()), int(spans.max())
+        width, span = int(lengths.max()), max(int(spans.max()), 1)
         input_ids = torch.zeros(len(row_of), width, dtype=torch.long)
         for i, (ids, _) in enumerate(row_of):
             input_ids[i, : len(ids)] = torch.tensor(ids)
@@ -377,7 +380,7 @@ def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:
     common = remaining[0]
     for rem in remaining[1:]:
         common = np.intersect1d(common, rem)
-    common = np.unique(common)  # ascending; always holds 0, the end of the text
+    common = np.union1d(common, [0])  # ascending; 0, the end of the text, even where a member has no token
     segment_logprobs = np.stack(
         [
             np.bincount(np.searchsorted(common, rem, side="right") - 1, weights=s.token_logprobs, minlength=len(common))
@@ -390,15 +393,27 @@ def _mix_segments(members: list[_Scored], weights: np.ndarray) -> float:
 
 
 def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The member's (context, continuation) ids exactly as lm-eval's TemplateLM.loglikelihood makes them."""
+    """The member's (context, continuation) ids exactly as lm-eval's TemplateLM.loglikelihood makes them.
+
+    A continuation without a token of its own has nothing to score; `--model hf` stops on it with a
+    bare assertion (or an IndexError for an empty context), so this names the request instead.
+    """
     lm = member.lm
-    context = render(lm, context)
-    if context:
-        return lm._encode_pair(context, continuation)
-    continuation_ids = lm.tok_encode(continuation, add_special_tokens=False)
-    if continuation_ids and continuation_ids[0] == lm.prefix_token_id:
-        return continuation_ids[:1], continuation_ids[1:]
-    return [lm.prefix_token_id], continuation_ids
+    rendered = render(lm, context)
+    if rendered:
+        pair = lm._encode_pair(rendered, continuation)
+    else:
+        continuation_ids = lm.tok_encode(continuation, add_special_tokens=False)
+        prefixed = continuation_ids and continuation_ids[0] == lm.prefix_token_id
+        pair = (continuation_ids[:1], continuation_ids[1:]) if prefixed else ([lm.prefix_token_id], continuation_ids)
+    if not pair[1]:
+        raise ValueError(
+            f"cannot score the loglikelihood request with context ending {context[-60:]!r} and continuation "
+            f"{continuation!r}: member {member.name!r} has no token of the continuation to score (it is empty, "
+            "or its tokenizer merges it into the end of the context); --model hf fails on it too. Give the task "
+            "non-empty continuations that start a new token, e.g. with the space in the continuation (target_delimiter)."
+        )
+    return pair
 
 
 def _ends_non_ascii_character(text: bytes) -> bool:
