@@ -3,8 +3,11 @@ says what to change."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +193,58 @@ def test_an_empty_text_has_the_rolling_loglikelihood_hf_gives(ensembles, hf_memb
         assert got == pytest.approx(want[kinds.pop()], abs=1e-4)
     else:  # each member's probability of the empty text, mixed: log(0.5 * 1 + 0.5 * p_sp(<bos>))
         assert got == pytest.approx(math.log(0.5 + 0.5 * math.exp(want["sp"])), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- damaged members
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.fixture()
+def preset_cache(bpe_member, tmp_path, monkeypatch) -> Path:
+    """The tiny bpe member installed as the converted cache of preset smollm2-135m."""
+    from lm_eval_rlae.offline import presets
+
+    monkeypatch.setenv("RLAE_CACHE", str(tmp_path / "cache"))
+    target = presets.preset_dir("smollm2-135m")
+    shutil.copytree(bpe_member, target)
+    (target / "rlae_preset.json").write_text(json.dumps({"format": presets.CACHE_FORMAT}))
+    return target
+
+
+def test_a_truncated_member_directory_names_the_file_and_the_fix(bpe_member, sp_member, tmp_path):
+    broken = shutil.copytree(sp_member, tmp_path / "sp")
+    _truncate(broken / "model.safetensors")
+    with pytest.raises(ValueError) as info:
+        rlae_class()(members=[bpe_member, str(broken)], device="cpu")
+    message = str(info.value)
+    assert f"member {str(broken)!r}" in message and f"{broken / 'model.safetensors'} cannot be read" in message, message
+    assert "Download it again, or convert it again" in message, message
+
+
+def test_a_truncated_preset_cache_names_the_file_and_the_command_that_rebuilds_it(preset_cache):
+    from lm_eval_rlae.offline.presets import PresetUnavailableError
+
+    assert rlae_class()(members=["smollm2-135m"], device="cpu").members[0].lm.model is not None  # intact, it loads
+    _truncate(preset_cache / "model.safetensors")
+    with pytest.raises(PresetUnavailableError) as info:
+        rlae_class()(members=["smollm2-135m"], device="cpu")
+    message = str(info.value)
+    assert "'smollm2-135m'" in message and f"{preset_cache / 'model.safetensors'} cannot be read" in message, message
+    assert "-m lm_eval_rlae.offline.presets --rebuild smollm2-135m" in message, message
+
+
+@pytest.mark.parametrize("where", ["directory", "preset"])
+def test_a_broken_config_says_what_to_do_with_the_directory(bpe_member, preset_cache, tmp_path, where):
+    broken = preset_cache if where == "preset" else shutil.copytree(bpe_member, tmp_path / "bpe")
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    name = "smollm2-135m" if where == "preset" else str(broken)
+    with pytest.raises(ValueError) as info:
+        rlae_class()(members=[name], device="cpu")
+    message = str(info.value)
+    assert f"member {name!r} from {broken}" in message and "config.json" in message, message
+    fix = "--rebuild smollm2-135m" if where == "preset" else "Download it again, or convert it again"
+    assert fix in message and "not a preset" not in message, message

@@ -83,12 +83,19 @@ class Member:
     def __init__(self, spec: MemberSpec):
         from lm_eval.models.huggingface import HFLM
 
-        from lm_eval_rlae.offline.presets import resolve_preset, specialist_adapter
+        from lm_eval_rlae.offline.presets import damaged_weights, rebuild_command, resolve_preset, specialist_adapter
 
         self.name = spec.pretrained
-        pretrained = resolve_preset(spec.pretrained) or spec.pretrained
+        cached = resolve_preset(spec.pretrained)  # a preset's directory; raises, saying how to rebuild it, if damaged
+        pretrained = cached or spec.pretrained
         adapter = specialist_adapter(spec.pretrained)  # a specialist preset: base + its LoRA
         extra = spec.extra if adapter is None else {"peft": adapter} | spec.extra
+        if cached:
+            fix = f"Rebuild the preset's cache: {rebuild_command(self.name)}"
+        else:
+            fix = "Download it again, or convert it again, into that directory."
+            if os.path.isdir(pretrained) and (damage := damaged_weights(pretrained)):
+                raise ValueError(f"could not load member {self.name!r}: {damage}. {fix}")
         try:
             self.lm = HFLM(
                 pretrained=pretrained,
@@ -102,6 +109,8 @@ class Member:
         except (OSError, ValueError, EnvironmentError) as error:
             from lm_eval_rlae.offline.presets import preset_names
 
+            if os.path.isdir(pretrained):  # it exists: the files in it are at fault
+                raise ValueError(f"could not load member {self.name!r} from {pretrained}: {str(error).rstrip('.')}. {fix}") from error
             raise ValueError(
                 f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(preset_names()))}), "
                 f"not a local model directory, and could not be fetched as a Hugging Face hub id "
