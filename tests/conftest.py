@@ -4,6 +4,7 @@
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
 - ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
 - ``sp_sliding_member``: the sp member with an 8-token sliding-window layer (as Gemma 3's 512)
+- ``sp_special_bytes_member``: the sp member whose tokenizer flags its <0xNN> byte tokens special
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
 
@@ -58,6 +59,12 @@ def bpe_padded_member(tiny_models_dir) -> str:
 def sp_sliding_member(tiny_models_dir) -> str:
     """The sp member whose first layer attends over a sliding window of 8 tokens."""
     return tiny_models.build_member("sp_sliding", tiny_models_dir / "sp_sliding")
+
+
+@pytest.fixture(scope="session")
+def sp_special_bytes_member(tiny_models_dir) -> str:
+    """The sp member (same weights) whose <0xNN> byte tokens are special added tokens too."""
+    return tiny_models.build_member("sp_special_bytes", tiny_models_dir / "sp_special_bytes")
 
 
 @pytest.fixture(scope="session")

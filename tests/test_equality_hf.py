@@ -147,6 +147,23 @@ def test_one_hot_weights_from_the_command_line_form(run_eval, members):
     assert_same_samples("tiny_mc", got["tiny_mc"], want_mc, "rlae[bpe,sp] weights='[0,1]' vs hf[sp]")
 
 
+def test_byte_tokens_flagged_special_are_dropped_from_text_as_hf_decodes(run_eval, members, sp_special_bytes_member):
+    """hf decodes with skip_special_tokens, so a tokenizer that flags its <0xNN> pieces special
+    loses their bytes from generated text; rlae with that member alone, as copies or one-hot must
+    give the same text."""
+    special = sp_special_bytes_member
+    want = run_eval("hf", hf(special), ["tiny_gen"])["tiny_gen"]
+    plain = run_eval("hf", hf(members["sp"]), ALL)["tiny_gen"]  # same weights, bytes kept
+    assert any(want[d]["filtered_resps"] != plain[d]["filtered_resps"] for d in want), "no byte token was generated"
+    for label, model_args in {
+        "alone": rlae([special]),
+        "copies": rlae([special, special]),
+        "one-hot": rlae([members["bpe"], special], weights=[0.0, 1.0]),
+    }.items():
+        got = run_eval("rlae", model_args, ["tiny_gen"], batch_size=4)["tiny_gen"]
+        assert_same_samples("tiny_gen", got, want, f"rlae[sp_special_bytes] {label} vs hf[sp_special_bytes]")
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
 def test_one_member_with_chat_template_equals_hf(run_eval, members, kind):
     tasks = ["tiny_gen", "tiny_mc"]

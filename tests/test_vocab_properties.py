@@ -156,6 +156,20 @@ def test_token_bytes_of_both_families(tokenizers, vocabs):
     assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids(word)] == (" " + word[1:]).encode()
 
 
+def test_byte_tokens_flagged_special_keep_their_byte_and_are_hidden(vocabs, sp_special_bytes_member):
+    """Fed and scored as their byte, like the plain sp member's; only decoding drops them."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_rlae.engine.vocab import MemberVocab
+
+    tok = AutoTokenizer.from_pretrained(sp_special_bytes_member)
+    mv = MemberVocab.from_tokenizer(tok, vocab_size=None)
+    assert mv.token_bytes == vocabs["sp"].token_bytes and mv.is_special == vocabs["sp"].is_special
+    assert mv.hidden_ids == {tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    assert not vocabs["sp"].hidden_ids and not vocabs["bpe"].hidden_ids
+    assert mv.decode_bytes(mv.encode_bytes(b"\x18\xf0\x9f")) == b"\x18\xf0\x9f"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_logit_rows_stand_for_nothing(tokenizers, padded_vocabs, kind):
     tok, mv = tokenizers[kind], padded_vocabs[kind]

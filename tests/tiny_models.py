@@ -155,11 +155,13 @@ SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 SP_TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
 
 
-def build_sp_tokenizer(vocab_size: int = 600):
+def build_sp_tokenizer(vocab_size: int = 600, special_bytes: bool = False):
     """SentencePiece-style (Gemma 3 like) BPE with byte fallback, wrapped in a fast tokenizer.
 
     ids: 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <start_of_turn>, 5 <end_of_turn>,
     6..261 <0x00>..<0xFF> (ordinary vocab entries, as in Gemma), then the learned pieces.
+    special_bytes: the <0xNN> pieces are also registered as special added tokens (same ids), as some
+    converted SentencePiece tokenizers do, so decoding with skip_special_tokens drops them.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -213,6 +215,10 @@ def build_sp_tokenizer(vocab_size: int = 600):
         add_bos_token=True,
     )
     fast.chat_template = SP_CHAT_TEMPLATE
+    if special_bytes:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(f"<0x{b:02X}>", special=True, normalized=False) for b in range(n_bytes)], special_tokens=True)
     return fast
 
 
@@ -301,7 +307,8 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
     """Writes the tiny member ``kind`` into ``path``; returns the path as str.
 
     kinds: "bpe", "sp", "bpe_padded" (the bpe member with 40 logit rows past its tokenizer) and
-    "sp_sliding" (the sp member with an 8-token sliding-window layer).
+    "sp_sliding" (the sp member with an 8-token sliding-window layer) and "sp_special_bytes" (the sp
+    member, same weights, whose <0xNN> byte tokens its tokenizer also flags special).
     """
     path = Path(path)
     if kind == "bpe":
@@ -313,11 +320,14 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
     elif kind == "sp":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok)
+    elif kind == "sp_special_bytes":
+        tok = build_sp_tokenizer(special_bytes=True)
+        model = build_sp_model(tok)
     elif kind == "sp_sliding":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok, sliding_window=8)
     else:
-        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'bpe_padded' or 'sp_sliding'")
+        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'bpe_padded', 'sp_sliding' or 'sp_special_bytes'")
     return _save(tok, model, path)
 
 

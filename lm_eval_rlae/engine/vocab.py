@@ -83,6 +83,8 @@ class MemberVocab:
 
     token_bytes[i]: the exact bytes id i adds to the text (b"" for special tokens and for
     embedding rows past the tokenizer, which stand for nothing).
+    hidden_ids: byte-fallback ids the tokenizer also flags special. They stand for their byte when
+    fed and scored, but the member's decoder drops them (hf decodes with skip_special_tokens).
     """
 
     tokenizer: object
@@ -91,6 +93,7 @@ class MemberVocab:
     is_byte_fallback: list[bool]
     eos_ids: set[int]
     special_content: dict[int, str] = field(default_factory=dict)  # special id -> its content, e.g. "<|im_end|>"
+    hidden_ids: set[int] = field(default_factory=set)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int | None = None, eos_ids=()) -> MemberVocab:
@@ -105,10 +108,12 @@ class MemberVocab:
             token_bytes[i] = _piece_bytes(piece, byte_level)
             is_special[i] = False
             is_byte_fallback[i] = not byte_level and bool(_BYTE_FALLBACK.match(piece))
-        special_content = {}
+        special_content, hidden_ids = {}, set()
         special_ids = set(tokenizer.all_special_ids)
         for i, added in tokenizer.added_tokens_decoder.items():
             if is_byte_fallback[i]:  # some tokenizers list their <0xNN> pieces as added tokens
+                if added.special:  # ... flagged special: still the byte, but decoding drops it
+                    hidden_ids.add(i)
                 continue
             if added.special or i in special_ids:
                 token_bytes[i], is_special[i], special_content[i] = b"", True, added.content
@@ -120,7 +125,7 @@ class MemberVocab:
         for i in eos:
             special_content.setdefault(i, tokenizer.convert_ids_to_tokens(i))
             token_bytes[i], is_special[i] = b"", True
-        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content)
+        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content, hidden_ids)
         vocab._check_lossless()
         return vocab
 
