@@ -120,8 +120,10 @@ SP_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- tokenizers
 
 
-def build_bpe_tokenizer(vocab_size: int = 512):
-    """GPT-2 style byte-level BPE, wrapped in a transformers fast tokenizer."""
+def build_bpe_tokenizer(vocab_size: int = 512, full_alphabet: bool = True):
+    """GPT-2 style byte-level BPE, wrapped in a transformers fast tokenizer.
+
+    full_alphabet=False: only the bytes of the corpus, as SmolLM2's tokenizer lacks 21 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,7 +135,7 @@ def build_bpe_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [],
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines(), trainer)

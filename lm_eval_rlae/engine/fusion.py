@@ -57,7 +57,7 @@ class _Row:
     n_members: int
     text: bytes = b""
     tokens: list[int] = field(default_factory=list)  # union ids generated
-    pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their bytes, whether byte fallback; not hidden ones
+    pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their text: bytes, whether byte fallback
     done: bool = False
     syncs: list[_Sync] = field(init=False)
 
@@ -273,9 +273,8 @@ class Generation:
                 piece = self.union.token_bytes[token]
                 row.text += piece
                 row.tokens.append(token)
-                vocab, own = self.engine.members[proposer[r]].vocab, own_ids[proposer[r]][r]
-                if own not in vocab.hidden_ids:  # the text is what the proposer's decoder makes of it
-                    row.pieces.append((piece, vocab.is_byte_fallback[own]))
+                if text := self.engine.members[proposer[r]].vocab.text_piece(own_ids[proposer[r]][r]):
+                    row.pieces.append(text)  # the text is what the proposer's own decoder makes of it
                 if piece and _has_stop(row.text, len(piece), self.stops):
                     row.done = True
                     continue
