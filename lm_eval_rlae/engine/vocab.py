@@ -94,7 +94,7 @@ class MemberVocab:
     eos_ids: set[int]
     special_content: dict[int, str] = field(default_factory=dict)  # special id -> its content, e.g. "<|im_end|>"
     hidden_ids: set[int] = field(default_factory=set)
-    _dropped: set[int] = field(default_factory=set, repr=False)  # unspellable bytes met so far, warned about once
+    _dropped: set[int] = field(default_factory=set, init=False, repr=False)  # unspellable bytes met so far, warned once
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int | None = None, eos_ids=()) -> MemberVocab:
