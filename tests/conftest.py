@@ -3,6 +3,10 @@
 - ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
 - ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
+- ``sp_sliding_member``: the sp member with an 8-token sliding-window layer (as Gemma 3's 512)
+- ``sp_special_bytes_member``: the sp member whose tokenizer flags its <0xNN> byte tokens special
+- ``tokenizers``, ``vocabs``: kind -> tokenizer / MemberVocab, for the tiny members ("bpe", "sp")
+  and the presets' own tokenizers ("smollm2-135m", "gemma3-270m"; no model is loaded)
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
 
@@ -51,6 +55,55 @@ def sp_member(tiny_models_dir) -> str:
 def bpe_padded_member(tiny_models_dir) -> str:
     """The bpe member with 40 extra logit rows past its tokenizer (zero weights: logit 0)."""
     return tiny_models.build_member("bpe_padded", tiny_models_dir / "bpe_padded")
+
+
+@pytest.fixture(scope="session")
+def sp_sliding_member(tiny_models_dir) -> str:
+    """The sp member whose first layer attends over a sliding window of 8 tokens."""
+    return tiny_models.build_member("sp_sliding", tiny_models_dir / "sp_sliding")
+
+
+@pytest.fixture(scope="session")
+def sp_special_bytes_member(tiny_models_dir) -> str:
+    """The sp member (same weights) whose <0xNN> byte tokens are special added tokens too."""
+    return tiny_models.build_member("sp_special_bytes", tiny_models_dir / "sp_special_bytes")
+
+
+class _Lazy(dict):
+    """kind -> value, made on first use: the real tokenizers take seconds to load."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, kind):
+        self[kind] = value = self.make(kind)
+        return value
+
+
+@pytest.fixture(scope="session")
+def tokenizers(bpe_member, sp_member):
+    """A test asking for a preset that `make models` has not converted is skipped."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_rlae.offline.presets import preset_dir
+
+    tiny = {"bpe": bpe_member, "sp": sp_member}
+
+    def load(kind):
+        path = tiny.get(kind) or preset_dir(kind)
+        if not (Path(path) / "tokenizer.json").is_file():
+            pytest.skip(f"preset {kind!r} is not converted in {path}: run `make models` (only its tokenizer is read)")
+        return AutoTokenizer.from_pretrained(path)
+
+    return _Lazy(load)
+
+
+@pytest.fixture(scope="session")
+def vocabs(tokenizers):
+    from lm_eval_rlae.engine.vocab import MemberVocab
+
+    return _Lazy(lambda kind: MemberVocab.from_tokenizer(tokenizers[kind], vocab_size=None))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import tiny_models
 import tiny_tasks
 
 ALL = ["tiny_gen", "tiny_mc", "tiny_roll"]
@@ -146,6 +147,23 @@ def test_one_hot_weights_from_the_command_line_form(run_eval, members):
     assert_same_samples("tiny_mc", got["tiny_mc"], want_mc, "rlae[bpe,sp] weights='[0,1]' vs hf[sp]")
 
 
+def test_byte_tokens_flagged_special_are_dropped_from_text_as_hf_decodes(run_eval, members, sp_special_bytes_member):
+    """hf decodes with skip_special_tokens, so a tokenizer that flags its <0xNN> pieces special
+    loses their bytes from generated text; rlae with that member alone, as copies or one-hot must
+    give the same text."""
+    special = sp_special_bytes_member
+    want = run_eval("hf", hf(special), ["tiny_gen"])["tiny_gen"]
+    plain = run_eval("hf", hf(members["sp"]), ALL)["tiny_gen"]  # same weights, bytes kept
+    assert any(want[d]["filtered_resps"] != plain[d]["filtered_resps"] for d in want), "no byte token was generated"
+    for label, model_args in {
+        "alone": rlae([special]),
+        "copies": rlae([special, special]),
+        "one-hot": rlae([members["bpe"], special], weights=[0.0, 1.0]),
+    }.items():
+        got = run_eval("rlae", model_args, ["tiny_gen"], batch_size=4)["tiny_gen"]
+        assert_same_samples("tiny_gen", got, want, f"rlae[sp_special_bytes] {label} vs hf[sp_special_bytes]")
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
 def test_one_member_with_chat_template_equals_hf(run_eval, members, kind):
     tasks = ["tiny_gen", "tiny_mc"]
@@ -156,6 +174,57 @@ def test_one_member_with_chat_template_equals_hf(run_eval, members, kind):
     assert all(marker in s["arguments"][0][0] for s in want["tiny_gen"].values())
     for task in tasks:
         assert_same_samples(task, got[task], want[task], f"rlae[{kind}] chat vs hf[{kind}] chat")
+
+
+# ---------------------------------------------------------------------------- sliding windows
+
+# From 3 to ~400 tokens of the sp tokenizer, interleaved so that any batch mixes lengths that
+# differ by far more than the 8-token window.
+_STORY = tiny_models.CORPUS.replace("\n", " ")
+SLIDING_PROMPTS = [
+    _STORY[:1400] + "\nQ: 12+7=\nA:",
+    "Q: 3+5=\nA:",
+    _STORY[:700] + "\nQuestion: What is the capital of France?\nAnswer:",
+    "Question: What is the capital of France?\nAnswer:",
+    _STORY[200:600] + "\nQ: 6*7=\nA:",
+    "x",
+    _STORY[900:1100] + " The",
+    "Q: 40-15=\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def sliding_hf_alone(sp_sliding_member):
+    """hf's generation for each prompt alone (batch size 1: no padding at all)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return tiny_tasks.generate(HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=1), SLIDING_PROMPTS)
+
+
+def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding_member, bpe_member, sliding_hf_alone):
+    """Gemma-style sliding-window layers count cache slots: every row of a batch must see its own
+    last 8 tokens whatever its neighbours' lengths, as in hf's left-padded batches. The member
+    alone at every batch size, two copies of it and one-hot weights on it all give hf's text."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sp_sliding_member)
+    lengths = [len(tokenizer(p).input_ids) for p in SLIDING_PROMPTS]
+    assert min(lengths) < 8 and max(lengths) > 300, lengths  # the window bites, and the mix is wide
+    everything = len(SLIDING_PROMPTS)
+    hf_batched = HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=everything)
+    assert tiny_tasks.generate(hf_batched, SLIDING_PROMPTS) == sliding_hf_alone  # hf itself is batch-size independent
+    alone = get_model("rlae")(members=[sp_sliding_member], device="cpu")
+    for batch_size in (1, 2, 3, everything):
+        alone.batch_size = batch_size
+        assert tiny_tasks.generate(alone, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae[sp_sliding] batch_size={batch_size}"
+    for label, model_args in {
+        "copies": dict(members=[sp_sliding_member, sp_sliding_member]),
+        "one-hot": dict(members=[bpe_member, sp_sliding_member], weights=[0.0, 1.0]),
+    }.items():
+        lm = get_model("rlae")(**model_args, device="cpu", batch_size=everything)
+        assert tiny_tasks.generate(lm, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae {label} batch_size={everything}"
 
 
 # ---------------------------------------------------------------------------- heterogeneous

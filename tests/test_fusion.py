@@ -7,9 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import text_strategies
 
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, Scored, mixture_logprob
 from lm_eval_rlae.engine.members import Member, MemberSpec
+from lm_eval_rlae.offline.presets import PRESETS
 from lm_eval_rlae.policies import FixedPolicy, UniformPolicy, WeightPolicy
 
 CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
@@ -142,6 +147,34 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     assert mixture_logprob([a, b], w) == pytest.approx(math.log(0.25 * math.exp(-3.0) + 0.75 * math.exp(-3.0)), abs=1e-12)
     # one-hot weights give that member's own sum exactly
     assert mixture_logprob([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kinds", [("bpe", "sp"), tuple(PRESETS)])
+def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_otherwise(vocabs, kinds):
+    """Any (context, continuation), each member's continuation tokens cut as lm-eval's _encode_pair
+    cuts them (whole minus context: byte-level tokens end inside characters, and a member may merge
+    across the boundary), any log-probs: one-hot weights give that member's own loglikelihood; any
+    mixture is finite, <= 0 and, per segment by Jensen, >= the weighted mean of the members'."""
+    members = [vocabs[kind] for kind in kinds]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text_strategies.text, text_strategies.text, st.integers(0, 2**32 - 1))
+    def check(context, continuation, seed):
+        rng = np.random.default_rng(seed)
+        scored = []
+        for mv in members:
+            ids = mv.tokenizer.encode(context + continuation, add_special_tokens=False)
+            ids = ids[len(mv.tokenizer.encode(context, add_special_tokens=False)) :]
+            logprobs = -rng.exponential(2.0, len(ids))
+            scored.append(Scored(logprobs, mv.token_lengths[ids], greedy=False, decision_logprobs=None, decision_hidden=None))
+        totals = np.array([s.token_logprobs.sum() for s in scored])
+        for m, total in enumerate(totals):
+            assert mixture_logprob(scored, np.eye(len(members))[m]) == pytest.approx(total, abs=1e-9)
+        weights = rng.dirichlet(np.ones(len(members)))
+        mixed = mixture_logprob(scored, weights)
+        assert math.isfinite(mixed) and weights @ totals - 1e-9 <= mixed <= 1e-12
+
+    check()
 
 
 def test_mixed_vocabularies_never_break_a_character(members):

@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from lm_eval_rlae.offline import data as offline_data, presets
 
@@ -52,7 +54,7 @@ def _fake_convert(fail: bool):
         (out / "config.json").write_text("{}")
         if fail:
             raise KeyboardInterrupt  # interrupted half-way
-        (out / "model.safetensors").write_bytes(b"weights")
+        save_file({"weights": np.arange(4.0)}, out / "model.safetensors")
         return {"gguf": "x.gguf"}
 
     return convert
@@ -84,7 +86,30 @@ def test_an_incomplete_directory_is_replaced(cache, monkeypatch):
     monkeypatch.setattr(presets, "_package_dir", lambda module: Path("."))
     monkeypatch.setattr(presets, "_convert", _fake_convert(fail=False))
     assert presets.resolve_preset("gemma3-270m") == str(target)
-    assert (target / "model.safetensors").read_bytes() == b"weights"
+    assert load_file(target / "model.safetensors")["weights"].tolist() == [0, 1, 2, 3]
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_a_damaged_cache_is_refused_with_the_command_that_rebuilds_it(cache, monkeypatch, capsys):
+    monkeypatch.setattr(presets, "_package_dir", lambda module: Path("."))
+    monkeypatch.setattr(presets, "_convert", _fake_convert(fail=False))
+    target = Path(presets.resolve_preset("gemma3-270m"))
+    _truncate(target / "model.safetensors")  # e.g. a full disk, or an interrupted copy of the cache
+    for name in ("gemma3-270m", "gemma3-270m-lang"):  # the specialist on top of it too
+        with pytest.raises(presets.PresetUnavailableError) as err:
+            presets.resolve_preset(name)
+        message = str(err.value)
+        assert f"{target / 'model.safetensors'} cannot be read" in message, message
+        assert "-m lm_eval_rlae.offline.presets --rebuild gemma3-270m" in message, message
+    assert presets.main(["gemma3-270m"]) == 1 and "--rebuild" in capsys.readouterr().err
+    assert presets.main(["--rebuild", "gemma3-270m"]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    assert presets.damaged_weights(target) is None
+    assert presets.resolve_preset("gemma3-270m") == str(target)
 
 
 def test_splits_are_stable_and_close_to_60_20_20():

@@ -1,8 +1,12 @@
-"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.engine.vocab`) on both tiny tokenizer families.
+"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.engine.vocab`) on both tiny
+tokenizer families and on the real presets' own tokenizers (SmolLM2's byte-level BPE, Gemma 3's
+SentencePiece-style BPE with byte fallback; skipped when `make models` has not converted them).
 
 MemberVocab: every id maps to the exact bytes it adds to the text; any byte string (partial UTF-8
-included) can be fed to a member. UnionVocab: every member token has a union id with identical
-bytes and a way back; all end-of-sequence tokens are one union id.
+included) can be fed to a member; the text of any ids is what the member's own decoder (hf's
+tok_decode) makes of them. UnionVocab: every member token has a union id with identical bytes and
+a way back, so any member's tokens reach every other member byte-exactly; all end-of-sequence
+tokens are one union id.
 """
 
 from __future__ import annotations
@@ -15,46 +19,37 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import text_strategies
+from lm_eval_rlae.engine import utf8
+from lm_eval_rlae.offline.presets import PRESETS
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KINDS = ["bpe", "sp"]
+TINY = ["bpe", "sp"]
+REAL = list(PRESETS)  # the presets' tokenizers, read from their converted directories
+KINDS = TINY + REAL
 PAD_ROWS = 13  # extra logit rows past the tokenizer, as models with padded embeddings have
 
 
 def _text_for(kind: str, t: str) -> str:
     # SentencePiece's normalizer maps a literal U+2581 to a space (Gemma does the same): such text
     # is not representable byte-exactly by that member's canonical tokens.
-    return t.replace("▁", "_") if kind == "sp" else t
-
-
-@pytest.fixture(scope="module")
-def tokenizers(bpe_member, sp_member):
-    from transformers import AutoTokenizer
-
-    return {"bpe": AutoTokenizer.from_pretrained(bpe_member), "sp": AutoTokenizer.from_pretrained(sp_member)}
-
-
-@pytest.fixture(scope="module")
-def vocabs(tokenizers):
-    from lm_eval_rlae.engine.vocab import MemberVocab
-
-    return {k: MemberVocab.from_tokenizer(tok, vocab_size=None) for k, tok in tokenizers.items()}
+    return t.replace("▁", "_") if kind in ("sp", "gemma3-270m") else t
 
 
 @pytest.fixture(scope="module")
 def padded_vocabs(tokenizers):
     from lm_eval_rlae.engine.vocab import MemberVocab
 
-    return {k: MemberVocab.from_tokenizer(tok, vocab_size=len(tok) + PAD_ROWS) for k, tok in tokenizers.items()}
+    return {k: MemberVocab.from_tokenizer(tokenizers[k], vocab_size=len(tokenizers[k]) + PAD_ROWS) for k in TINY}
 
 
-@pytest.fixture(scope="module", params=["plain", "padded"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-padded", "real"])
 def union(request, vocabs, padded_vocabs):
+    """(union, its member vocabularies, their kinds)"""
     from lm_eval_rlae.engine.vocab import UnionVocab
 
-    mvs = vocabs if request.param == "plain" else padded_vocabs
-    members = [mvs["bpe"], mvs["sp"]]
-    return UnionVocab(members), members
+    kinds = REAL if request.param == "real" else TINY
+    members = [(padded_vocabs if request.param == "tiny-padded" else vocabs)[k] for k in kinds]
+    return UnionVocab(members), members, kinds
 
 
 # ------------------------------------------------------------------------------- MemberVocab
@@ -69,32 +64,21 @@ def test_canonical_ids_map_to_the_exact_text_bytes(tokenizers, vocabs, kind):
     def check(t):
         t = _text_for(kind, t)
         ids = tok.encode(t, add_special_tokens=False)
-        assert b"".join(mv.token_bytes[i] for i in ids) == t.encode("utf-8")
+        assert b"".join(mv.token_bytes[i] for i in ids) == t.encode("utf-8").translate(None, mv.unspellable_bytes)
 
     check()
 
 
-any_bytes = st.one_of(
-    st.binary(max_size=48),
-    text_strategies.text.map(lambda t: t.encode("utf-8")),
-    # partial UTF-8: valid text cut anywhere, possibly inside a multi-byte character
-    st.tuples(text_strategies.text, st.integers(0, 64), st.integers(0, 64)).map(
-        lambda x: x[0].encode("utf-8")[x[1] : x[1] + x[2]]
-    ),
-    st.lists(st.sampled_from([b"\xf0\x9f", b"\x98\x80", b"\xe4\xbd", b"\xa0", b" ", b"\n", b"\xff", b"\x00", b"ab"]), max_size=12).map(b"".join),
-)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_encode_bytes_is_byte_exact_for_any_bytes(vocabs, padded_vocabs, kind):
-    for mv in (vocabs[kind], padded_vocabs[kind]):
+    for mv in (vocabs[kind], *([padded_vocabs[kind]] if kind in TINY else [])):
 
         @PROPERTY
-        @given(any_bytes)
+        @given(text_strategies.any_bytes)
         def check(data):
             ids = mv.encode_bytes(data)
             assert all(isinstance(i, int) and 0 <= i < len(mv.token_bytes) for i in ids)
-            assert b"".join(mv.token_bytes[i] for i in ids) == data
+            assert b"".join(mv.token_bytes[i] for i in ids) == data.translate(None, mv.unspellable_bytes)
             assert not any(mv.is_special[i] for i in ids), "encode_bytes must not produce special tokens"
 
         check()
@@ -114,7 +98,54 @@ def test_encode_bytes_gives_the_canonical_tokens_of_valid_text(tokenizers, vocab
     check()
 
 
+def _ids(vocab):
+    """Any ids a member can generate (all but end-of-sequence), weighted towards those that make
+    partial UTF-8 and drop out of text: byte-fallback, multi-byte fragments, special tokens."""
+    everything = [i for i in range(len(vocab.tokenizer)) if i not in vocab.eos_ids]
+    awkward = [
+        i for i in everything
+        if vocab.is_byte_fallback[i] or vocab.is_special[i] or not utf8.is_valid_prefix(vocab.token_bytes[i])
+        or utf8.leading_continuation_bytes(vocab.token_bytes[i])
+    ]
+    return st.lists(st.one_of(st.sampled_from(everything), st.sampled_from(awkward)), max_size=16)
+
+
 @pytest.mark.parametrize("kind", KINDS)
+def test_the_text_of_any_ids_is_what_the_members_own_decoder_makes_of_them(tokenizers, vocabs, kind):
+    """A member generating alone gives hf's text: `tok_decode` (skip_special_tokens) of its ids,
+    broken characters and byte-fallback runs included, from the pieces `Generation` keeps."""
+    tok, mv = tokenizers[kind], vocabs[kind]
+
+    @PROPERTY
+    @given(_ids(mv))
+    def check(ids):
+        assert utf8.decode([piece for i in ids if (piece := mv.text_piece(i))]) == tok.decode(ids, skip_special_tokens=True)
+
+    check()
+
+
+def test_bytes_no_token_contains_are_dropped_as_the_members_own_tokenizer_drops_them(caplog):
+    """A byte-level BPE trained without the full byte alphabet (as SmolLM2's) cannot spell every
+    byte: it reads text without those bytes, once warned, rather than failing a generation."""
+    import tiny_models
+    from lm_eval_rlae.engine.vocab import MemberVocab
+
+    tok = tiny_models.build_bpe_tokenizer(full_alphabet=False)  # its corpus is ASCII
+    mv = MemberVocab.from_tokenizer(tok, vocab_size=None)
+    assert set(mv.unspellable_bytes) >= set(range(0x80, 0x100)) and ord("a") not in mv.unspellable_bytes
+    assert mv.encode_bytes("aéb 你".encode()) == tok.encode("aéb 你", add_special_tokens=False) == tok.encode("ab ", add_special_tokens=False)
+    assert mv.decode_bytes(mv.encode_bytes(b"Q\xff\xff: 1")) == b"Q: 1"
+    assert sum("has no token for byte 0xff" in r.getMessage() for r in caplog.records) == 1
+
+    @PROPERTY
+    @given(text_strategies.any_bytes)
+    def check(data):
+        assert mv.decode_bytes(mv.encode_bytes(data)) == data.translate(None, mv.unspellable_bytes)
+
+    check()
+
+
+@pytest.mark.parametrize("kind", TINY)
 def test_special_tokens_stand_for_no_text(tokenizers, vocabs, kind):
     tok, mv = tokenizers[kind], vocabs[kind]
     assert len(mv.token_bytes) == len(mv.is_special) == len(tok)
@@ -156,7 +187,21 @@ def test_token_bytes_of_both_families(tokenizers, vocabs):
     assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids(word)] == (" " + word[1:]).encode()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_byte_tokens_flagged_special_keep_their_byte_and_are_hidden(vocabs, sp_special_bytes_member):
+    """Fed and scored as their byte, like the plain sp member's; only decoding drops them."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_rlae.engine.vocab import MemberVocab
+
+    tok = AutoTokenizer.from_pretrained(sp_special_bytes_member)
+    mv = MemberVocab.from_tokenizer(tok, vocab_size=None)
+    assert mv.token_bytes == vocabs["sp"].token_bytes and mv.is_special == vocabs["sp"].is_special
+    assert mv.hidden_ids == {tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    assert not vocabs["sp"].hidden_ids and not vocabs["bpe"].hidden_ids
+    assert mv.decode_bytes(mv.encode_bytes(b"\x18\xf0\x9f")) == b"\x18\xf0\x9f"
+
+
+@pytest.mark.parametrize("kind", TINY)
 def test_padded_logit_rows_stand_for_nothing(tokenizers, padded_vocabs, kind):
     tok, mv = tokenizers[kind], padded_vocabs[kind]
     assert len(mv.token_bytes) == len(mv.is_special) == len(tok) + PAD_ROWS
@@ -170,24 +215,24 @@ def test_padded_logit_rows_stand_for_nothing(tokenizers, padded_vocabs, kind):
 
 
 def test_every_member_token_has_a_union_id_with_the_same_bytes_and_a_way_back(union):
-    uv, members = union
+    uv, members, _ = union
     assert len(uv.token_bytes) == uv.size
     for m, mv in enumerate(members):
-        to_u, from_u = uv.to_union[m], uv.from_union[m]
-        assert tuple(to_u.shape) == (len(mv.token_bytes),)
-        assert tuple(from_u.shape) == (uv.size,)
-        assert to_u.dtype == torch.long and from_u.dtype == torch.long
+        assert tuple(uv.to_union[m].shape) == (len(mv.token_bytes),)
+        assert tuple(uv.from_union[m].shape) == (uv.size,)
+        assert uv.to_union[m].dtype == torch.long and uv.from_union[m].dtype == torch.long
+        to_u, from_u = uv.to_union[m].tolist(), uv.from_union[m].tolist()
         for i, b in enumerate(mv.token_bytes):
             if mv.is_special[i]:
                 continue
-            u = int(to_u[i])
+            u = to_u[i]
             assert 0 <= u < uv.size
             assert uv.token_bytes[u] == b, (m, i)
-            back = int(from_u[u])
+            back = from_u[u]
             assert back >= 0 and mv.token_bytes[back] == b, (m, i, u, back)
         # from_union: -1, or an id of the member with exactly the union token's bytes
         for u in range(uv.size):
-            back = int(from_u[u])
+            back = from_u[u]
             assert -1 <= back < len(mv.token_bytes)
             if back >= 0 and u != uv.eos:
                 assert mv.token_bytes[back] == uv.token_bytes[u], (m, u, back)
@@ -196,7 +241,7 @@ def test_every_member_token_has_a_union_id_with_the_same_bytes_and_a_way_back(un
 def test_tokens_with_the_same_bytes_share_a_union_id_across_members(union):
     """The union id for some bytes that both members can spell with one token is shared:
     the lowest union id with those bytes maps back into every member that has such a token."""
-    uv, members = union
+    uv, members, _ = union
     first: dict[bytes, int] = {}
     for u, b in enumerate(uv.token_bytes):
         if not uv_is_special(uv, u):
@@ -217,7 +262,7 @@ def uv_is_special(uv, u) -> bool:
 
 
 def test_all_eos_tokens_map_to_the_union_eos(union, tokenizers):
-    uv, members = union
+    uv, members, kinds = union
     assert 0 <= uv.eos < uv.size
     assert uv.token_bytes[uv.eos] == b""
     for m, mv in enumerate(members):
@@ -225,8 +270,8 @@ def test_all_eos_tokens_map_to_the_union_eos(union, tokenizers):
         for e in mv.eos_ids:
             assert int(uv.to_union[m][e]) == uv.eos
         assert int(uv.from_union[m][uv.eos]) in mv.eos_ids
-    assert tokenizers["bpe"].eos_token_id in members[0].eos_ids
-    assert tokenizers["sp"].eos_token_id in members[1].eos_ids
+    for kind, mv in zip(kinds, members):
+        assert tokenizers[kind].eos_token_id in mv.eos_ids
 
 
 def test_union_bytes_are_unique_up_to_a_members_own_duplicates(union):
@@ -234,7 +279,7 @@ def test_union_bytes_are_unique_up_to_a_members_own_duplicates(union):
     tokens for the same bytes (SentencePiece "A" and its byte-fallback twin "<0x41>") may keep
     them apart: a byte string appears in the union at most as often as in the member that has it
     most often."""
-    uv, members = union
+    uv, members, _ = union
     in_union = Counter(b for u, b in enumerate(uv.token_bytes) if not uv_is_special(uv, u))
     per_member = [Counter(b for i, b in enumerate(mv.token_bytes) if not mv.is_special[i]) for mv in members]
     for b, n in in_union.items():
@@ -247,7 +292,8 @@ def test_union_bytes_are_unique_up_to_a_members_own_duplicates(union):
 def test_a_single_member_union_is_one_to_one(vocabs):
     from lm_eval_rlae.engine.vocab import UnionVocab
 
-    for kind, mv in vocabs.items():
+    for kind in TINY:
+        mv = vocabs[kind]
         uv = UnionVocab([mv])
         regular = [i for i in range(len(mv.token_bytes)) if not mv.is_special[i]]
         us = uv.to_union[0][regular]
@@ -260,17 +306,38 @@ def test_a_single_member_union_is_one_to_one(vocabs):
 
 
 def test_union_ids_of_canonical_tokens_spell_the_text(union, tokenizers):
-    uv, members = union
+    uv, members, kinds = union
 
     @PROPERTY
     @given(text_strategies.text)
     def check(t):
-        for m, kind in enumerate(KINDS):
+        for m, kind in enumerate(kinds):
             tt = _text_for(kind, t)
             ids = tokenizers[kind].encode(tt, add_special_tokens=False)
             us = uv.to_union[m][ids].tolist() if ids else []
             assert all(0 <= u < uv.size for u in us)
-            assert b"".join(uv.token_bytes[u] for u in us) == tt.encode("utf-8")
+            assert b"".join(uv.token_bytes[u] for u in us) == tt.encode("utf-8").translate(None, members[m].unspellable_bytes)
+
+    check()
+
+
+def test_any_members_tokens_reach_every_other_member_byte_exactly(union):
+    """Generation feeds each member the chosen union token as its own id, or re-encoded: for any
+    bytes, cut wherever one member's tokens end (inside characters too), every member is fed exactly
+    those bytes (less those that either member cannot spell)."""
+    uv, members, _ = union
+
+    @PROPERTY
+    @given(text_strategies.any_bytes)
+    def check(data):
+        for proposer in members:
+            chosen = [uv.to_union[members.index(proposer)][i] for i in proposer.encode_bytes(data)]
+            for m, mv in enumerate(members):
+                fed = []
+                for u in map(int, chosen):
+                    own = int(uv.from_union[m][u])
+                    fed += [own] if own >= 0 else mv.encode_bytes(uv.token_bytes[u])
+                assert mv.decode_bytes(fed) == data.translate(None, proposer.unspellable_bytes + mv.unspellable_bytes)
 
     check()
 

@@ -120,8 +120,10 @@ SP_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- tokenizers
 
 
-def build_bpe_tokenizer(vocab_size: int = 512):
-    """GPT-2 style byte-level BPE, wrapped in a transformers fast tokenizer."""
+def build_bpe_tokenizer(vocab_size: int = 512, full_alphabet: bool = True):
+    """GPT-2 style byte-level BPE, wrapped in a transformers fast tokenizer.
+
+    full_alphabet=False: only the bytes of the corpus, as SmolLM2's tokenizer lacks 21 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,7 +135,7 @@ def build_bpe_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [],
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines(), trainer)
@@ -155,11 +157,13 @@ SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 SP_TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
 
 
-def build_sp_tokenizer(vocab_size: int = 600):
+def build_sp_tokenizer(vocab_size: int = 600, special_bytes: bool = False):
     """SentencePiece-style (Gemma 3 like) BPE with byte fallback, wrapped in a fast tokenizer.
 
     ids: 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <start_of_turn>, 5 <end_of_turn>,
     6..261 <0x00>..<0xFF> (ordinary vocab entries, as in Gemma), then the learned pieces.
+    special_bytes: the <0xNN> pieces are also registered as special added tokens (same ids), as some
+    converted SentencePiece tokenizers do, so decoding with skip_special_tokens drops them.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -213,6 +217,10 @@ def build_sp_tokenizer(vocab_size: int = 600):
         add_bos_token=True,
     )
     fast.chat_template = SP_CHAT_TEMPLATE
+    if special_bytes:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(f"<0x{b:02X}>", special=True, normalized=False) for b in range(n_bytes)], special_tokens=True)
     return fast
 
 
@@ -250,7 +258,9 @@ def build_bpe_model(tokenizer, seed: int = 1234, initializer_range: float = 0.3,
     return model
 
 
-def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3):
+def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3, sliding_window: int = 512):
+    """sliding_window below 512: a sliding-window layer then a full-attention one, as Gemma 3
+    alternates them (its window is 512 tokens), so the window bites on short prompts."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -264,7 +274,8 @@ def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3):
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=512,
-        sliding_window=512,
+        sliding_window=sliding_window,
+        layer_types=None if sliding_window >= 512 else ["sliding_attention", "full_attention"],
         initializer_range=initializer_range,
         bos_token_id=ids("<bos>"),
         eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
@@ -297,7 +308,9 @@ def _save(tokenizer, model, path: Path) -> str:
 def build_member(kind: str, path: str | os.PathLike) -> str:
     """Writes the tiny member ``kind`` into ``path``; returns the path as str.
 
-    kinds: "bpe", "sp", and "bpe_padded" (the bpe member with 40 logit rows past its tokenizer).
+    kinds: "bpe", "sp", "bpe_padded" (the bpe member with 40 logit rows past its tokenizer) and
+    "sp_sliding" (the sp member with an 8-token sliding-window layer) and "sp_special_bytes" (the sp
+    member, same weights, whose <0xNN> byte tokens its tokenizer also flags special).
     """
     path = Path(path)
     if kind == "bpe":
@@ -309,8 +322,14 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
     elif kind == "sp":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok)
+    elif kind == "sp_special_bytes":
+        tok = build_sp_tokenizer(special_bytes=True)
+        model = build_sp_model(tok)
+    elif kind == "sp_sliding":
+        tok = build_sp_tokenizer()
+        model = build_sp_model(tok, sliding_window=8)
     else:
-        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp' or 'bpe_padded'")
+        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'bpe_padded', 'sp_sliding' or 'sp_special_bytes'")
     return _save(tok, model, path)
 
 

@@ -11,7 +11,8 @@
 
 ``tiny_gen`` and ``tiny_mc`` have a train split too (the same docs), for training code.
 Every doc has an ``id`` field; compare per-sample results across orders by ``sample["doc"]["id"]``.
-Load with ``lm_eval.tasks.TaskManager(include_path=root)``.
+Load with ``lm_eval.tasks.TaskManager(include_path=root)``. ``generate(lm, prompts)`` sends greedy
+generation requests straight to a harness LM (``--model hf`` or ``rlae``), without a task.
 """
 
 from __future__ import annotations
@@ -179,6 +180,14 @@ def write_tiny_tasks(root: str | Path) -> str:
                 tmpl.format(name=task, data=json.dumps(str(data))), encoding="utf-8"
             )
     return str(root)
+
+
+def generate(lm, prompts: list[str], until: tuple[str, ...] = ("\n",), max_gen_toks: int = 16) -> list[str]:
+    """Greedy ``generate_until`` answers of a harness LM for ``prompts``, in order."""
+    from lm_eval.api.instance import Instance
+
+    gen_kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
+    return lm.generate_until([Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(prompts)])
 
 
 if __name__ == "__main__":  # python tests/tiny_tasks.py /tmp/tiny_tasks

@@ -57,7 +57,7 @@ class _Row:
     n_members: int
     text: bytes = b""
     tokens: list[int] = field(default_factory=list)  # union ids generated
-    pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their bytes, and whether byte fallback
+    pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their text: bytes, whether byte fallback
     done: bool = False
     syncs: list[_Sync] = field(init=False)
 
@@ -135,6 +135,7 @@ class FusionEngine:
         scored = []
         for member in self.members:
             lm = member.lm
+            # a text without tokens (empty) is one empty window: nothing to score, log 1 = 0 as in hf
             windows = [
                 [
                     make_disjoint_window(window)
@@ -142,6 +143,7 @@ class FusionEngine:
                         token_list=lm.tok_encode(string), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1
                     )
                 ]
+                or [([lm.prefix_token_id], [])]
                 for string in strings
             ]
             scored.append(self._score(member, windows))
@@ -298,8 +300,8 @@ class Generation:
                 piece = self.union.token_bytes[token]
                 row.text += piece
                 row.tokens.append(token)
-                m = proposer[r]
-                row.pieces.append((piece, self.engine.members[m].vocab.is_byte_fallback[own_ids[m][r]]))
+                if text := self.engine.members[proposer[r]].vocab.text_piece(own_ids[proposer[r]][r]):
+                    row.pieces.append(text)  # the text is what the proposer's own decoder makes of it
                 if piece and _has_stop(row.text, len(piece), self.stops):
                     row.done = True
                     continue
@@ -425,7 +427,7 @@ def mixture_logprob(members: list[Scored], weights: np.ndarray) -> float:
     common = remaining[0]
     for rem in remaining[1:]:
         common = np.intersect1d(common, rem)
-    common = np.unique(common)  # ascending; always holds 0, the end of the text
+    common = np.union1d(common, [0])  # ascending; 0, the end of the text, even where a member has no token
     segment_logprobs = np.stack(
         [
             np.bincount(np.searchsorted(common, rem, side="right") - 1, weights=s.token_logprobs, minlength=len(common))
@@ -438,15 +440,27 @@ def mixture_logprob(members: list[Scored], weights: np.ndarray) -> float:
 
 
 def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The member's (context, continuation) ids exactly as lm-eval's TemplateLM.loglikelihood makes them."""
+    """The member's (context, continuation) ids exactly as lm-eval's TemplateLM.loglikelihood makes them.
+
+    A continuation without a token of its own has nothing to score; `--model hf` stops on it with a
+    bare assertion (or an IndexError for an empty context), so this names the request instead.
+    """
     lm = member.lm
-    context = render(lm, context)
-    if context:
-        return lm._encode_pair(context, continuation)
-    continuation_ids = lm.tok_encode(continuation, add_special_tokens=False)
-    if continuation_ids and continuation_ids[0] == lm.prefix_token_id:
-        return continuation_ids[:1], continuation_ids[1:]
-    return [lm.prefix_token_id], continuation_ids
+    rendered = render(lm, context)
+    if rendered:
+        pair = lm._encode_pair(rendered, continuation)
+    else:
+        continuation_ids = lm.tok_encode(continuation, add_special_tokens=False)
+        prefixed = continuation_ids and continuation_ids[0] == lm.prefix_token_id
+        pair = (continuation_ids[:1], continuation_ids[1:]) if prefixed else ([lm.prefix_token_id], continuation_ids)
+    if not pair[1]:
+        raise ValueError(
+            f"cannot score the loglikelihood request with context ending {context[-60:]!r} and continuation "
+            f"{continuation!r}: member {member.name!r} has no token of the continuation to score (it is empty, "
+            "or its tokenizer merges it into the end of the context); --model hf fails on it too. Give the task "
+            "non-empty continuations that start a new token, e.g. with the space in the continuation (target_delimiter)."
+        )
+    return pair
 
 
 def _ends_non_ascii_character(text: bytes) -> bool:

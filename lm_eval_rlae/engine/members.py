@@ -83,12 +83,19 @@ class Member:
     def __init__(self, spec: MemberSpec):
         from lm_eval.models.huggingface import HFLM
 
-        from lm_eval_rlae.offline.presets import resolve_preset, specialist_adapter
+        from lm_eval_rlae.offline.presets import damaged_weights, rebuild_command, resolve_preset, specialist_adapter
 
         self.name = spec.pretrained
-        pretrained = resolve_preset(spec.pretrained) or spec.pretrained
+        cached = resolve_preset(spec.pretrained)  # a preset's directory; raises, saying how to rebuild it, if damaged
+        pretrained = cached or spec.pretrained
         adapter = specialist_adapter(spec.pretrained)  # a specialist preset: base + its LoRA
         extra = spec.extra if adapter is None else {"peft": adapter} | spec.extra
+        if cached:
+            fix = f"Rebuild the preset's cache: {rebuild_command(self.name)}"
+        else:
+            fix = "Download it again, or convert it again, into that directory."
+            if os.path.isdir(pretrained) and (damage := damaged_weights(pretrained)):
+                raise ValueError(f"could not load member {self.name!r}: {damage}. {fix}")
         try:
             self.lm = HFLM(
                 pretrained=pretrained,
@@ -102,6 +109,8 @@ class Member:
         except (OSError, ValueError, EnvironmentError) as error:
             from lm_eval_rlae.offline.presets import preset_names
 
+            if os.path.isdir(pretrained):  # it exists: the files in it are at fault
+                raise ValueError(f"could not load member {self.name!r} from {pretrained}: {str(error).rstrip('.')}. {fix}") from error
             raise ValueError(
                 f"could not load member {spec.pretrained!r}: it is not a preset ({', '.join(sorted(preset_names()))}), "
                 f"not a local model directory, and could not be fetched as a Hugging Face hub id "
@@ -151,9 +160,18 @@ class Member:
 class MemberStream:
     """A member's batch of KV caches, fed only new ids at each step.
 
-    Rows may be fed different numbers of ids per step (right-padded, masked), and may take back
+    Rows may be fed different numbers of ids per step (left-padded, masked), and may take back
     their last ids (masked out rather than cropped, so other rows keep their caches). Positions are
     tracked per row, so a masked slot never shifts a row's positions.
+
+    Sliding-window layers (Gemma 2/3, Mistral) count cache slots, not a row's tokens, and keep only
+    the last `window` slots. Every feed is right-justified, so after the prompts every row ends in
+    the same slot, as in hf's left-padded batches: a member fed only its own tokens (alone, copies,
+    one-hot weights) is exact at any batch size. What stays approximate: a masked slot inside a
+    row's window takes the place of one of its tokens. Such slots arise only where members of
+    different vocabularies are mixed: a re-encoded word taken back for its canonical tokens, or
+    rows fed different numbers of ids in one step. The window then holds a few tokens fewer (out
+    of Gemma's 512); removing them would mean compacting every layer's cache per row.
     """
 
     def __init__(self, member: Member, batch: int, hidden: bool = False):
@@ -183,15 +201,17 @@ class MemberStream:
         if width == 0:
             return
         batch, start = len(ids_per_row), self.mask.shape[1]
+        # right-justified: a sliding window counts slots back from the last one (see the class doc)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
         for row, ids in enumerate(ids_per_row):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            self.slots[row].extend(range(start, start + len(ids)))
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            self.slots[row].extend(range(start + width - len(ids), start + width))
             self.ids[row].extend(ids)
-        new_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # [B, W]
+        pad = width - lengths[:, None]  # [B, 1] masked slots before each row's ids
+        new_mask = (torch.arange(width)[None, :] >= pad).long()  # [B, W]
         self.mask = torch.cat([self.mask, new_mask], dim=1)
-        position_ids = self.next_pos[:, None] + torch.arange(width)[None, :]
-        keep = (lengths - 1).clamp(min=0)[:, None]  # [B, 1] each row's last new token
+        position_ids = (self.next_pos[:, None] + torch.arange(width)[None, :] - pad).clamp(min=0)
+        keep = torch.full((batch, 1), width - 1)  # [B, 1] the last slot: each fed row's last new token
         if self.cache is None:
             from transformers import DynamicCache
 

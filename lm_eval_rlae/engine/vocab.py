@@ -84,6 +84,8 @@ class MemberVocab:
 
     token_bytes[i]: the exact bytes id i adds to the text (b"" for special tokens and for
     embedding rows past the tokenizer, which stand for nothing).
+    hidden_ids: byte-fallback ids the tokenizer also flags special. They stand for their byte when
+    fed and scored, but the member's decoder drops them (hf decodes with skip_special_tokens).
     """
 
     tokenizer: object
@@ -92,6 +94,8 @@ class MemberVocab:
     is_byte_fallback: list[bool]
     eos_ids: set[int]
     special_content: dict[int, str] = field(default_factory=dict)  # special id -> its content, e.g. "<|im_end|>"
+    hidden_ids: set[int] = field(default_factory=set)
+    _dropped: set[int] = field(default_factory=set, init=False, repr=False)  # unspellable bytes met so far, warned once
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int | None = None, eos_ids=()) -> MemberVocab:
@@ -106,10 +110,12 @@ class MemberVocab:
             token_bytes[i] = _piece_bytes(piece, byte_level)
             is_special[i] = False
             is_byte_fallback[i] = not byte_level and bool(_BYTE_FALLBACK.match(piece))
-        special_content = {}
+        special_content, hidden_ids = {}, set()
         special_ids = set(tokenizer.all_special_ids)
         for i, added in tokenizer.added_tokens_decoder.items():
             if is_byte_fallback[i]:  # some tokenizers list their <0xNN> pieces as added tokens
+                if added.special:  # ... flagged special: still the byte, but decoding drops it
+                    hidden_ids.add(i)
                 continue
             if added.special or i in special_ids:
                 token_bytes[i], is_special[i], special_content[i] = b"", True, added.content
@@ -121,7 +127,7 @@ class MemberVocab:
         for i in eos:
             special_content.setdefault(i, tokenizer.convert_ids_to_tokens(i))
             token_bytes[i], is_special[i] = b"", True
-        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content)
+        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content, hidden_ids)
         vocab._check_lossless()
         return vocab
 
@@ -142,6 +148,14 @@ class MemberVocab:
 
     def decode_bytes(self, ids) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)
+
+    def text_piece(self, i: int) -> tuple[bytes, bool] | None:
+        """What id i adds to generated text, as the member's decoder with skip_special_tokens (hf's
+        tok_decode) has it: its bytes and whether it is byte fallback (see `utf8.decode`), or None
+        for ids it drops (special, hidden), which must not split a run of byte-fallback pieces."""
+        if self.token_bytes[i] and i not in self.hidden_ids:
+            return self.token_bytes[i], self.is_byte_fallback[i]
+        return None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -165,8 +179,16 @@ class MemberVocab:
                 best[b] = i
         return best, max(map(len, best))
 
+    @cached_property
+    def unspellable_bytes(self) -> bytes:
+        """Bytes that no token contains. A byte-level BPE trained without the full byte alphabet
+        lacks some (SmolLM2 lacks 21, e.g. 0x04 and 0xF1); its own tokenizer drops them from text."""
+        table, _ = self._longest_match
+        return bytes(sorted(set(range(256)) - {b for piece in table for b in piece}))
+
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Ids whose bytes are exactly `data`, for any bytes, including partial UTF-8.
+        """Ids whose bytes are exactly `data`, for any bytes, including partial UTF-8, but for
+        `unspellable_bytes`, which are dropped as the member's own tokenizer drops them.
 
         Valid UTF-8 runs go through the member's own tokenizer (its canonical tokens, checked to be
         byte-exact); the rest is matched greedily, longest token first, which always succeeds when
@@ -180,7 +202,9 @@ class MemberVocab:
             if valid:
                 own = self.tokenizer.encode(valid, add_special_tokens=False)
                 raw = valid.encode("utf-8")
-                ids += own if self.decode_bytes(own) == raw else self._greedy(raw)
+                spelt = self.decode_bytes(own)
+                canonical = spelt == raw or spelt == raw.translate(None, self.unspellable_bytes)
+                ids += own if canonical else self._greedy(raw)
             if m:
                 ids += self._greedy(m.group().encode("utf-8", errors="surrogateescape"))
                 pos = m.end()
@@ -195,12 +219,14 @@ class MemberVocab:
                     ids.append(i)
                     pos += n
                     break
-            else:
-                raise ValueError(
-                    f"{getattr(self.tokenizer, 'name_or_path', 'tokenizer')} has no token for byte "
-                    f"{data[pos]:#04x}: it has neither byte-level BPE nor byte fallback, so it cannot be "
-                    "fed text generated by other members."
-                )
+            else:  # a byte no token contains: the member reads the text without it
+                if data[pos] not in self._dropped:
+                    self._dropped.add(data[pos])
+                    logger.warning(
+                        "%s has no token for byte %#04x, so it reads text without it (as its own tokenizer does)",
+                        getattr(self.tokenizer, "name_or_path", "tokenizer"), data[pos],
+                    )
+                pos += 1
         return ids
 
 

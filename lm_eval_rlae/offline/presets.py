@@ -16,6 +16,10 @@ never leaves a directory that loads half a model. The directory is what `--model
 pretrained=<dir>` and `AutoModelForCausalLM.from_pretrained(dir)` take:
 
     python -m lm_eval_rlae.offline.presets smollm2-135m      # prints the directory, converting on first use
+    python -m lm_eval_rlae.offline.presets --rebuild gemma3-270m   # converts again, over a damaged cache
+
+A converted cache whose weights file cannot be read (truncated by a full disk or a bad copy) is
+refused with that command, rather than loaded or silently rebuilt in the middle of an evaluation.
 
 This module is imported by the runtime at start-up paths: it must not import torch or transformers
 at import time.
@@ -41,11 +45,13 @@ __all__ = [
     "SPECIALIST_PRESETS",
     "PresetUnavailableError",
     "cache_dir",
+    "damaged_weights",
     "hf_model_args",
     "is_preset",
     "main",
     "preset_dir",
     "preset_names",
+    "rebuild_command",
     "resolve_preset",
     "specialist_adapter",
 ]
@@ -69,7 +75,8 @@ def cache_dir() -> Path:
 
 
 class PresetUnavailableError(RuntimeError):
-    """A preset's PyPI package is not installed (the message says which command installs it)."""
+    """A preset cannot be used: its PyPI package is not installed, or its converted cache is
+    damaged (the message says which command fixes it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +229,24 @@ def _is_complete(target: Path) -> bool:
     return marker.get("format") == CACHE_FORMAT and (target / "model.safetensors").is_file()
 
 
+def damaged_weights(directory: str | os.PathLike) -> str | None:
+    """Why a model directory's safetensors weights cannot be loaded (a file truncated or
+    overwritten), or None when every `*.safetensors` file in it opens. Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="np"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"{path} cannot be read ({error})"
+    return None
+
+
+def rebuild_command(name: str) -> str:
+    return f"{sys.executable} -m lm_eval_rlae.offline.presets --rebuild {name}"
+
+
 def _convert(preset: Preset, out: Path, scratch: Path) -> dict:
     """GGUF -> transformers directory `out` (float32 safetensors + tokenizer + config)."""
     import torch
@@ -244,20 +269,26 @@ def _convert(preset: Preset, out: Path, scratch: Path) -> dict:
     return {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
 
 
-def resolve_preset(name: str) -> str | None:
-    """The local transformers directory of preset `name`, converting it on first use.
+def resolve_preset(name: str, rebuild: bool = False) -> str | None:
+    """The local transformers directory of preset `name`, converting it on first use (or again,
+    with `rebuild`).
 
     A specialist preset resolves to its base model's directory (its adapter: `specialist_adapter`).
     Returns None when `name` is not a preset (it is then a hub id or a local path). Raises
-    `PresetUnavailableError`, naming the `pip install` that fixes it, when the preset's package is
-    missing.
+    `PresetUnavailableError`, naming the command that fixes it, when the preset's package is
+    missing or its cache is damaged.
     """
     preset = PRESETS.get(SPECIALIST_PRESETS.get(name, name))
     if preset is None:
         return None
     name = preset.name
     target = preset_dir(name)
-    if _is_complete(target):
+    if _is_complete(target) and not rebuild:
+        if damage := damaged_weights(target):
+            raise PresetUnavailableError(
+                f"member preset {name!r}: its converted cache is damaged: {damage}. Rebuild it with:\n"
+                f"    {rebuild_command(name)}"
+            )
         return str(target)
 
     # Checked before any heavy import, so the missing-package error comes at once.
@@ -336,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("names", nargs="*", help=f"preset names: {', '.join(preset_names())}")
     parser.add_argument("--list", action="store_true", help="list the presets and their state")
+    parser.add_argument("--rebuild", action="store_true", help="convert again, replacing the cache (e.g. a damaged one)")
     parser.add_argument(
         "--model-args",
         action="store_true",
@@ -355,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for name in args.names:
         try:
-            path = resolve_preset(name)
+            path = resolve_preset(name, rebuild=args.rebuild)
             if path and args.model_args:
                 path = hf_model_args(name)
         except PresetUnavailableError as err:

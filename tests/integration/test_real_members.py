@@ -174,6 +174,77 @@ def test_specialist_presets_load_offline_and_one_hot_equals_hf_with_the_adapter(
     assert _answers(out, GEN_TASK) == _answers(math_alone, GEN_TASK)
 
 
+def test_gemma_alone_answers_a_short_prompt_batched_with_a_long_one_as_hf(member_dirs):
+    """Gemma 3's 512-token sliding-window layers count cache slots: a short prompt batched with a
+    ~1,300-token one must keep its own context (it once answered ' Paris Paris Paris ...')."""
+    import tiny_models
+    import tiny_tasks
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_rlae.lm import RLAELM
+
+    long = tiny_models.CORPUS + tiny_models.CORPUS[:1000] + "\nQuestion: How many legs does a spider have?\nAnswer:"
+    prompts = [long, "Question: What is the capital of France?\nAnswer:"]
+    hf = HFLM(pretrained=member_dirs[GEMMA], dtype="float32", device="cpu", batch_size=2)
+    assert len(hf.tok_encode(long)) > 1200
+    want = tiny_tasks.generate(hf, prompts, max_gen_toks=24)
+    assert want[1] == " Paris", want
+    got = tiny_tasks.generate(RLAELM(members=[GEMMA], device="cpu", batch_size=2), prompts, max_gen_toks=24)
+    assert got == want
+
+
+# the unicode-heaviest documents of the tiny tasks (tests/tiny_tasks.py): emoji, CJK, combining
+# marks, tabs, runs of spaces, CRLF
+UNICODE_DOCS = {"tiny_gen": [6, 7], "tiny_mc": [1, 6, 7], "tiny_roll": [1, 2, 5]}
+
+
+def _unicode_run(tiny_task_manager, model, model_args=None, tasks=tuple(UNICODE_DOCS)) -> dict:
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(tasks), task_manager=tiny_task_manager,
+        samples={task: UNICODE_DOCS[task] for task in tasks}, batch_size=4, log_samples=True, bootstrap_iters=0, device="cpu",
+    )
+    return {task: {s["doc"]["id"]: s["filtered_resps"] for s in out["samples"][task]} for task in tasks}
+
+
+@pytest.fixture(scope="module")
+def real_pair(member_dirs):
+    """rlae over both real members, loaded once; each test sets the weights it needs."""
+    from lm_eval_rlae.lm import RLAELM
+
+    return RLAELM(members=[SMOL, GEMMA], device="cpu", batch_size=4)
+
+
+def test_real_members_together_on_unicode_heavy_text(real_pair, tiny_task_manager):
+    """Both real tokenizers on the same unicode-heavy requests: loglikelihoods finite and <= 0,
+    generations valid text cut at the stop string."""
+    from lm_eval_rlae.policies import UniformPolicy
+
+    real_pair.engine.policy = UniformPolicy(2)
+    got = _unicode_run(tiny_task_manager, real_pair)
+    scores = [ll for choices in got["tiny_mc"].values() for ll, _ in choices] + [r[0] for r in got["tiny_roll"].values()]
+    assert len(scores) == 3 + 3 + 4 + 3 and all(math.isfinite(x) and x <= 0 for x in scores), scores
+    for doc_id, (text,) in got["tiny_gen"].items():
+        text.encode("utf-8")  # no lone surrogates
+        assert "\n" not in text, (doc_id, text)
+
+
+def test_one_hot_weights_on_gemma_equal_gemma_alone_on_unicode_heavy_text(real_pair, member_dirs, tiny_task_manager):
+    from lm_eval_rlae.policies import FixedPolicy
+
+    tasks = ["tiny_gen", "tiny_mc"]
+    want = _unicode_run(tiny_task_manager, "hf", {"pretrained": member_dirs[GEMMA], "dtype": "float32"}, tasks)
+    real_pair.engine.policy = FixedPolicy([0.0, 1.0])
+    got = _unicode_run(tiny_task_manager, real_pair, tasks=tasks)
+    assert got["tiny_gen"] == want["tiny_gen"]
+    for doc_id, choices in want["tiny_mc"].items():
+        # hf's float32 log_softmax over Gemma's 262,144 logits is off by up to ~1e-4 per token
+        # (measured against float64); rlae's logsumexp is within 1e-6 of it
+        assert [ll for ll, _ in got["tiny_mc"][doc_id]] == pytest.approx([ll for ll, _ in choices], abs=1e-4, rel=3e-5), doc_id
+        assert [g for _, g in got["tiny_mc"][doc_id]] == [g for _, g in choices], doc_id
+
+
 def test_the_validation_configs_evaluate_validation_documents_under_the_same_names(task_manager, tmp_path):
     from lm_eval.tasks import TaskManager
 
