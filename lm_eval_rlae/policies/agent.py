@@ -238,13 +238,15 @@ def load_agent(path_or_name: str) -> tuple[AgentSpec, Actor]:
     except (SafetensorError, OSError) as error:
         raise AgentCheckpointError(f"{actor_path} cannot be read ({error}): the file is truncated or corrupt; {retrain}") from error
     actor = spec.build_actor()
-    missing, unexpected = actor.load_state_dict(tensors, strict=False)
-    wrong = [k for k, v in tensors.items() if k in actor.state_dict() and actor.state_dict()[k].shape != v.shape]
+    expected = actor.state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    wrong = [k for k, v in tensors.items() if k in expected and expected[k].shape != v.shape]
     if missing or unexpected or wrong:
         raise AgentCheckpointError(
             f"{actor_path} does not match the network agent.json describes (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, wrong shapes {wrong[:3]}): {retrain}"
         )
+    actor.load_state_dict(tensors)
     return spec, actor.eval()
 
 
