@@ -88,6 +88,28 @@ def test_agent_beats_uniform_on_held_out_documents(trained, run_route, bpe_membe
     assert history["epochs"][-1]["validation"]["mean"] > history["baselines"]["uniform"]["mean"]
 
 
+def test_table_env_is_the_harness(trained, tmp_path, route_tasks, bpe_member, sp_member):
+    """rlae-agent-table scores every method through the training env (choice scores computed once and
+    mixed per method, generations decoded live): per document that is what `lm_eval --model rlae` gives,
+    for a member alone, for fixed weights and for an agent."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from trainer.agent_table import method_scores
+    from trainer.train import Run
+
+    agent = str(trained["mappo"] / "best")
+    run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "table", test_docs=10_000), splits=("test",))
+    table, _ = method_scores(run, [0.3, 0.7], {"agent": agent})
+    manager = TaskManager(include_path=route_tasks, include_defaults=False)
+    members = f"members=[{bpe_member},{sp_member}]"
+    for label, args in {f"{sp_member} alone": "weights=[0,1]", "best fixed": "weights=[0.3,0.7]", "agent": f"agent={agent}"}.items():
+        out = lm_eval.simple_evaluate(model="rlae", model_args=f"{members},{args}", tasks=["route_mc", "route_gen"], task_manager=manager, batch_size=16, log_samples=True)
+        for task, metric in (("route_mc", "acc"), ("route_gen", "exact_match")):
+            harness = {f"{task}/{sample['doc_id']}": float(sample[metric]) for sample in out["samples"][task]}
+            assert table[label][task] == harness, (label, task)
+
+
 def test_mappo_actors_see_only_their_member(trained):
     _, actor = load_agent(str(trained["mappo"] / "best"))
     obs = torch.randn(4, actor.encoders[0].slices["shared"].stop)

@@ -1,61 +1,91 @@
-"""`rlae-agent-table`: the learned agents against everything they must beat, on the same test documents,
-through the harness.
+"""`rlae-agent-table`: the learned agents against everything they must beat, on the same test documents.
 
-    rlae-agent-table [--limit 100] [--fixed runs/specialists-fixed/best_fixed.json]
-                     [--agents ppo=rlae-ppo-specialists,mappo=rlae-mappo-specialists] [--output results/agents]
+    rlae-agent-table --config trainer/configs/specialists.yaml [--test_docs 100]
+                     [--fixed runs/specialists-fixed/best_fixed.json]
+                     [--agents RLAE_PPO=rlae-ppo-specialists,RLAE_MAPPO=rlae-mappo-specialists] [--output results/agents]
 
-Runs (each through `lm_eval run ... --log_samples`, reused when already in `--output`): each member
-alone (`--model hf`), `rlae` with uniform weights, with the best fixed weights (chosen on validation
-by `rlae-best-fixed`), and with each agent; per-task oracle routing is read off the members' runs
-(each task sent to the member that is better on it: an upper bound no fixed rule reaches).
+Methods: each member alone (one-hot weights: the engine equals `--model hf` there, tests/test_equality_hf.py),
+uniform weights, the best fixed weights (chosen on validation by `rlae-best-fixed`) and each agent; per-task
+oracle routing is read off the members alone (each task sent to the member that is better on it: an
+upper bound no fixed rule reaches).
 
-Per task and overall (the mean over tasks): accuracy with n and a 95% interval, and the paired
-difference of each agent to the best fixed weights with its own 95% interval (a paired bootstrap
-over the same documents, stratified by task). Writes `table.md`, `table.json` and `table.png`.
+Every method runs over the first `test_docs` documents of each task's TEST split (as `lm_eval --limit`)
+through the env the agents are trained and validated in: the harness task's own documents, few-shot
+contexts and requests, its filters and `process_results` as the score, multiple-choice scores computed
+once per member and mixed per method (so six methods cost one scoring pass, not six), generations decoded
+live by the engine. That this is what `lm_eval --model rlae` reports, document by document, for fixed
+weights and for an agent, is tests/test_agents.py::test_table_env_is_the_harness.
+
+Each finished method is kept in `--output` (scores_<method>.json, keyed by the members, the method
+exactly, the split and the documents) and reused: a killed table, or one with a new agent, costs only
+what is new.
+
+Per task and overall (the mean over tasks): accuracy with n and a 95% interval, and the paired difference
+of each agent to the best fixed weights and to uniform with its own 95% interval (a paired bootstrap over
+the same documents, stratified by task). Writes `table.md`, `table.json` and `table.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import sys
+import time
+import typing
 from pathlib import Path
 
 import numpy as np
 
-from lm_eval_rlae.demo import _run, wilson
-from trainer.specialists import SPECIALISTS
+from lm_eval_rlae.demo import wilson
 
-TASKS = [task for config in SPECIALISTS.values() for task in config.tasks]
-MEMBERS = list(SPECIALISTS)
 AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-specialists"}
 BOOTSTRAP = 2000
 
 
-def runs(members: list[str], fixed: list[float], agents: dict[str, str]) -> dict[str, list[str]]:
-    """label -> `lm_eval run` model arguments."""
-    from lm_eval_rlae.offline.presets import hf_model_args
+def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str, tuple[str, typing.Callable]]:
+    """label -> (what it is, exactly: the key a finished run is reused by; weights from obs)."""
+    from lm_eval_rlae.policies.agent import AgentPolicy, agent_dir
+    from trainer.train import agent_weights, constant
 
-    ensemble = f"members=[{','.join(members)}]"
-    out = {f"{name} alone": ["--model", "hf", "--model_args", hf_model_args(name)] for name in members}
-    out["uniform"] = ["--model", "rlae", "--model_args", f"{ensemble},weights=uniform"]
-    out["best fixed"] = ["--model", "rlae", "--model_args", f"{ensemble},weights=[{','.join(f'{w:g}' for w in fixed)}]"]
-    out |= {label: ["--model", "rlae", "--model_args", f"{ensemble},agent={agent}"] for label, agent in agents.items()}
+    names = list(run.config.members)
+    out = {f"{name} alone": (f"weights={np.eye(len(names))[m].tolist()}", constant(np.eye(len(names))[m])) for m, name in enumerate(names)}
+    out["uniform"] = ("weights=uniform", constant([1.0] * len(names)))
+    if fixed is not None:
+        out["best fixed"] = (f"weights={list(fixed)}", constant(fixed))
+    for label, agent in agents.items():
+        policy = AgentPolicy.load(agent, names)
+        policy.bind(run.members, run.engine.union)  # the same checks as --model_args agent=
+        if policy.spec.layout != run.features.layout:
+            raise SystemExit(f"{label}: the agent's state is not the config's ({policy.spec.state} vs {run.config.state})")
+        digest = hashlib.sha256((agent_dir(agent) / "actor.safetensors").read_bytes()).hexdigest()[:16]
+        out[label] = (f"agent={agent} (actor sha256 {digest})", agent_weights(policy.actor))
     return out
 
 
-def per_document(out_dir: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
-    """{task: {doc key: the task's primary metric}} from a run's logged samples."""
-    scores = {}
-    for task in tasks:
-        files = sorted(out_dir.rglob(f"samples_{task}_*.jsonl"), key=lambda p: p.stat().st_mtime)
-        if not files:
-            raise SystemExit(f"no logged samples of {task} under {out_dir}: rerun without reuse")
-        rows = [json.loads(line) for line in files[-1].read_text().splitlines()]
-        metric = "acc" if "acc" in rows[0] else "exact_match"
-        scores[task] = {str(row["doc"].get("doc_hash", row["doc_id"])): float(row[metric]) for row in rows}
-    return scores
+def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split: str = "test", reuse: Path | None = None) -> tuple[dict, dict]:
+    """{label: {task: {doc key: score}}} and {label: seconds} for every method on `split`. With `reuse`,
+    each finished method is written there and read back instead of rerun while it is the same method
+    on the same documents (so a killed table, or one with a new agent, costs only what is new)."""
+    documents = {t: [d.key for d in task.documents] for t, task in run.tasks[split].items()}
+    scores, seconds = {}, {}
+    for label, (definition, act) in methods(run, fixed, agents).items():
+        key = {"members": list(run.config.members), "method": definition, "split": split, "documents": documents}
+        path = reuse / f"scores_{label.replace(' ', '_')}.json" if reuse else None
+        saved = json.loads(path.read_text()) if path and path.is_file() else None
+        if saved and saved["key"] == key:
+            scores[label], seconds[label] = saved["scores"], saved["seconds"]
+            print(f"{label}: reused {path}", flush=True)
+            continue
+        start = time.perf_counter()
+        rewards = run.evaluate(split, act)
+        seconds[label] = time.perf_counter() - start
+        scores[label] = {t: dict(zip(documents[t], values)) for t, values in rewards.items()}
+        print(f"{label}: {np.mean([np.mean(v) for v in rewards.values()]):.4f} ({seconds[label]:.0f} s)", flush=True)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, "scores": scores[label], "seconds": seconds[label]}) + "\n")
+    return scores, seconds
 
 
 def paired_interval(a: dict, b: dict, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -145,37 +175,31 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.train import Run, load_config
+
     parser = argparse.ArgumentParser(prog="rlae-agent-table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=100, help="test documents per task (default %(default)s; all where fewer)")
-    parser.add_argument("--fixed", type=Path, default=Path("runs/specialists-fixed/best_fixed.json"), help="rlae-best-fixed's output")
+    parser.add_argument("--config", type=Path, default=Path("trainer/configs/specialists.yaml"), help="the agents' rlae-train config (members, tasks, state)")
+    parser.add_argument("--test_docs", type=int, default=100, help="test documents per task (default %(default)s; all where fewer)")
+    parser.add_argument("--fixed", type=Path, default=None, help="rlae-best-fixed's output (default runs/<config name>-fixed/best_fixed.json)")
     parser.add_argument("--agents", default=",".join(f"{k}={v}" for k, v in AGENTS.items()), help="LABEL=AGENT,... (directories or shipped names)")
     parser.add_argument("--output", type=Path, default=Path("results/agents"))
-    parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval_rlae.offline.data import TASK_CONFIGS
-
-    fixed = json.loads(args.fixed.read_text())["best"]["weights"]
+    fixed_path = args.fixed or Path("runs") / f"{args.config.stem}-fixed" / "best_fixed.json"
+    if not fixed_path.is_file():
+        raise SystemExit(f"no {fixed_path}: run rlae-best-fixed --config {args.config} first, or pass --fixed")
+    fixed = json.loads(fixed_path.read_text())["best"]["weights"]
     agents = dict(item.split("=", 1) for item in args.agents.split(",") if item)
-    common = ["--include_path", str(TASK_CONFIGS), "--tasks", ",".join(TASKS), "--limit", str(args.limit),
-              "--batch_size", str(args.batch_size), "--log_samples"]
-    scores, seconds = {}, {}
-    args.output.mkdir(parents=True, exist_ok=True)
-    for label, model_args in runs(MEMBERS, fixed, agents).items():
-        out = args.output / label.replace(" ", "_")
-        if not any(out.rglob("results_*.json")):
-            print(f"\n--- {label}", flush=True)
-            seconds[label] = _run([sys.executable, "-m", "lm_eval", "run", *model_args, *common, "--output_path", str(out)], args.output / f"{label.replace(' ', '_')}.log")
-        scores[label] = per_document(out, TASKS)
+    run = Run(load_config(args.config, {"test_docs": args.test_docs}), splits=("test",))
+    scores, seconds = method_scores(run, fixed, agents, reuse=args.output)
     markdown, summary = table(scores)
     summary["fixed weights"] = fixed
     summary["seconds"] = seconds
     markdown += (
-        f"\n\nAccuracy (%) with 95% Wilson intervals, first {args.limit} test documents per task (all where fewer); "
+        f"\n\nAccuracy (%) with 95% Wilson intervals, first {args.test_docs} test documents per task (all where fewer); "
         f"best fixed = weights={fixed} (chosen on validation); paired differences in points with 95% paired "
         f"bootstrap intervals over the same documents.\n"
     )
+    args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(markdown)
     (args.output / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, args.output / "table.png")

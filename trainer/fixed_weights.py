@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from trainer.train import Run, constant, evaluate, load_config, summary
+from trainer.train import Run, constant, load_config, summary
 
 
 def simplex_grid(n_members: int, step: float) -> list[tuple[float, ...]]:
@@ -35,7 +35,7 @@ def simplex_grid(n_members: int, step: float) -> list[tuple[float, ...]]:
 def search(run: Run, step: float) -> dict:
     points = []
     for weights in tqdm(simplex_grid(len(run.members), step), desc="fixed weights on validation", unit="point"):
-        scores = summary(evaluate(run.val_env, run.val_tasks, constant(weights)))
+        scores = summary(run.evaluate("validation", constant(weights)))
         points.append({"weights": [round(w, 6) for w in weights], "validation": scores})
         tqdm.write(f"weights {points[-1]['weights']}: {scores['mean']:.4f}")
     best = max(points, key=lambda p: p["validation"]["mean"])

@@ -61,6 +61,7 @@ class TrainConfig:
     metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> reward metric (default: its first)
     train_docs: int = 400  # per task: the first N of its hash-ordered train split
     val_docs: int = 40  # per task: the first N of its validation split
+    test_docs: int = 100  # per task, for rlae-agent-table: the first N of its test split (as lm_eval --limit N)
     rows: int = 32  # episodes stepped together (the env's batch)
     steps_per_collect: int = 4  # env steps per row collected before each update
     updates_per_epoch: int = 10
@@ -91,7 +92,7 @@ class TrainConfig:
     def resumable_from(self, other: dict) -> bool:
         """A checkpoint continues this run when everything agrees but where it writes and how many
         epochs it runs (a run can be extended)."""
-        free = ("out", "epochs")
+        free = ("out", "epochs", "test_docs")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free} == {k: v for k, v in other.items() if k not in free}
 
 
@@ -132,7 +133,7 @@ class Run:
         self.engine.use(self.agent)
 
         names = list(c.tasks)
-        limits = {"train": c.train_docs, "validation": c.val_docs}
+        limits = {"train": c.train_docs, "validation": c.val_docs, "test": c.test_docs}
         self.tasks = {split: load_tasks(names, split, c.include_path, limits[split], c.metrics) for split in splits}
         cache = ScoreCache(Path(c.cache) if c.cache else cache_dir() / "agents" / "scores", self.engine, self.features)
         self.scored = {
@@ -142,8 +143,16 @@ class Run:
         if "train" in splits:
             self.sampler = DocumentSampler({name: len(task) for name, task in self.tasks["train"].items()}, c.tasks, c.seed)
             self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], c.rows, c.span_length, self.sampler)
-        self.val_tasks = self.tasks["validation"]
-        self.val_env = EnsembleEnv(self.engine, self.features, self.val_tasks, self.scored["validation"], c.eval_rows, c.span_length)
+        # Evaluation splits: every document once, decoded `eval_rows` at a time.
+        self.eval_envs = {
+            split: EnsembleEnv(self.engine, self.features, self.tasks[split], self.scored[split], c.eval_rows, c.span_length)
+            for split in splits
+            if split != "train"
+        }
+
+    def evaluate(self, split: str, act: typing.Callable) -> dict[str, list[float]]:
+        """{task: per-document rewards} of `split` with weights from `act`."""
+        return evaluate(self.eval_envs[split], self.tasks[split], act)
 
 
 def _seed_everything(seed: int) -> None:
@@ -221,7 +230,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
     if saved is None:
         history = {"baselines": {}, "epochs": []}
         for name, weights in {"uniform": [1.0] * len(c.members), **c.baselines}.items():
-            history["baselines"][name] = summary(evaluate(run.val_env, run.val_tasks, constant(weights)))
+            history["baselines"][name] = summary(run.evaluate("validation", constant(weights)))
             logger.info("validation, %s weights %s: %.4f", name, weights, history["baselines"][name]["mean"])
         epoch, env_steps, best = 0, 0, -np.inf
     else:
@@ -266,7 +275,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             bar.set_postfix(ret=f"{rollout.get('train/return', float('nan')):.3f}", kl=f"{after['train/approx_kl']:.4f}", sps=f"{scalars['speed/env_steps_per_s']:.1f}")
             bar.update(1)
         epoch += 1
-        validation = summary(evaluate(run.val_env, run.val_tasks, agent_weights(policy.actor)))
+        validation = summary(run.evaluate("validation", agent_weights(policy.actor)))
         history["epochs"].append({"epoch": epoch, "env_steps": env_steps, "validation": validation})
         writer.add_scalar("validation/agent", validation["mean"], env_steps)
         for name, values in history["baselines"].items():
