@@ -3,6 +3,7 @@
     rlae-agent-table --config trainer/configs/specialists.yaml [--test_docs 100]
                      [--fixed runs/specialists-fixed/best_fixed.json]
                      [--agents RLAE_PPO=rlae-ppo-specialists,RLAE_MAPPO=rlae-mappo-specialists] [--output results/agents]
+                     [--tasks a,b,...]   # other harness tasks than the config's, e.g. ones the agents never saw
 
 Methods: each member alone (one-hot weights: the engine equals `--model hf` there, tests/test_equality_hf.py),
 uniform weights, the best fixed weights (chosen on validation by `rlae-best-fixed`) and each agent; per-task
@@ -64,28 +65,29 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
 
 
 def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split: str = "test", reuse: Path | None = None) -> tuple[dict, dict]:
-    """{label: {task: {doc key: score}}} and {label: seconds} for every method on `split`. With `reuse`,
+    """{label: {task: {doc key: score}}} and {label: {"seconds", env "steps_per_s" per kind of task}}
+    for every method on `split`. With `reuse`,
     each finished method is written there and read back instead of rerun while it is the same method
     on the same documents (so a killed table, or one with a new agent, costs only what is new)."""
     documents = {t: [d.key for d in task.documents] for t, task in run.tasks[split].items()}
-    scores, seconds = {}, {}
+    scores, speed = {}, {}
     for label, (definition, act) in methods(run, fixed, agents).items():
         key = {"members": list(run.config.members), "method": definition, "split": split, "documents": documents}
         path = reuse / f"scores_{label.replace(' ', '_')}.json" if reuse else None
         saved = json.loads(path.read_text()) if path and path.is_file() else None
         if saved and saved["key"] == key:
-            scores[label], seconds[label] = saved["scores"], saved["seconds"]
+            scores[label], speed[label] = saved["scores"], saved["speed"]
             print(f"{label}: reused {path}", flush=True)
             continue
-        start = time.perf_counter()
-        rewards = run.evaluate(split, act)
-        seconds[label] = time.perf_counter() - start
+        start, steps_per_s = time.perf_counter(), {}
+        rewards = run.evaluate(split, act, steps_per_s)
+        speed[label] = {"seconds": time.perf_counter() - start, "steps_per_s": steps_per_s}
         scores[label] = {t: dict(zip(documents[t], values)) for t, values in rewards.items()}
-        print(f"{label}: {np.mean([np.mean(v) for v in rewards.values()]):.4f} ({seconds[label]:.0f} s)", flush=True)
+        print(f"{label}: {np.mean([np.mean(v) for v in rewards.values()]):.4f} ({speed[label]['seconds']:.0f} s)", flush=True)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "scores": scores[label], "seconds": seconds[label]}) + "\n")
-    return scores, seconds
+            path.write_text(json.dumps({"key": key, "scores": scores[label], "speed": speed[label]}) + "\n")
+    return scores, speed
 
 
 def paired_interval(a: dict, b: dict, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -162,8 +164,10 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
     ax.set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=55, ha="right", fontsize=8)
     ax.set_ylabel("accuracy on the test split (%), 95% interval")
-    ax.set_title("Specialist pair: members alone, fixed weightings, learned agents, oracle routing")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"{' + '.join(summary['members'])}: members alone, fixed weightings, learned agents, oracle routing")
+    top = max(summary["tasks"][t][label]["ci95"][1] for t in tasks for label in labels)
+    ax.set_ylim(0, 100 * top + 12)  # room for the legend above the tallest interval
+    ax.legend(fontsize=8, ncol=len(labels), loc="upper left")
     ax_mean.set_xticks(range(len(labels)))
     ax_mean.set_xticklabels(labels, rotation=55, ha="right", fontsize=8)
     ax_mean.set_title(f"mean of {len(tasks)} tasks")
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="rlae-agent-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("trainer/configs/specialists.yaml"), help="the agents' rlae-train config (members, tasks, state)")
+    parser.add_argument("--tasks", default=None, help="a,b,...: harness tasks instead of the config's (e.g. tasks the agents never saw)")
     parser.add_argument("--test_docs", type=int, default=100, help="test documents per task (default %(default)s; all where fewer)")
     parser.add_argument("--fixed", type=Path, default=None, help="rlae-best-fixed's output (default runs/<config name>-fixed/best_fixed.json)")
     parser.add_argument("--agents", default=",".join(f"{k}={v}" for k, v in AGENTS.items()), help="LABEL=AGENT,... (directories or shipped names)")
@@ -189,15 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no {fixed_path}: run rlae-best-fixed --config {args.config} first, or pass --fixed")
     fixed = json.loads(fixed_path.read_text())["best"]["weights"]
     agents = dict(item.split("=", 1) for item in args.agents.split(",") if item)
-    run = Run(load_config(args.config, {"test_docs": args.test_docs}), splits=("test",))
-    scores, seconds = method_scores(run, fixed, agents, reuse=args.output)
+    overrides = {"test_docs": args.test_docs, "tasks": {t: 1.0 for t in args.tasks.split(",")} if args.tasks else None}
+    run = Run(load_config(args.config, overrides), splits=("test",))
+    scores, speed = method_scores(run, fixed, agents, reuse=args.output)
     markdown, summary = table(scores)
+    summary["members"] = list(run.config.members)
     summary["fixed weights"] = fixed
-    summary["seconds"] = seconds
+    summary["speed"] = speed
     markdown += (
         f"\n\nAccuracy (%) with 95% Wilson intervals, first {args.test_docs} test documents per task (all where fewer); "
         f"best fixed = weights={fixed} (chosen on validation); paired differences in points with 95% paired "
-        f"bootstrap intervals over the same documents.\n"
+        f"bootstrap intervals over the same documents. Env steps per second (multiple choice from cached scores / live "
+        f"generation), wall time: " + "; ".join(
+            f"{label} {v['steps_per_s'].get('multiple_choice', 0):.0f} / {v['steps_per_s'].get('generate_until', 0):.1f}, {v['seconds']:.0f} s"
+            for label, v in speed.items()) + ".\n"
     )
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(markdown)

@@ -150,9 +150,9 @@ class Run:
             if split != "train"
         }
 
-    def evaluate(self, split: str, act: typing.Callable) -> dict[str, list[float]]:
-        """{task: per-document rewards} of `split` with weights from `act`."""
-        return evaluate(self.eval_envs[split], self.tasks[split], act)
+    def evaluate(self, split: str, act: typing.Callable, speed: dict | None = None) -> dict[str, list[float]]:
+        """{task: per-document rewards} of `split` with weights from `act` (and env steps/s in `speed`)."""
+        return evaluate(self.eval_envs[split], self.tasks[split], act, speed)
 
 
 def _seed_everything(seed: int) -> None:
@@ -164,21 +164,28 @@ def _seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(env, tasks: dict, act) -> dict[str, list[float]]:
-    """Every document of `tasks` once, weights from `act(obs [R, D]) -> [R, M]`: {task: rewards}."""
-    documents = [document for task in tasks.values() for document in task.documents]
-    documents.sort(key=lambda d: (d.task.kind, d.task.name))  # cohorts of one task decode together
+def evaluate(env, tasks: dict, act, speed: dict | None = None) -> dict[str, list[float]]:
+    """Every document of `tasks` once, weights from `act(obs [R, D]) -> [R, M]`: {task: rewards}.
+    `speed`, if given, receives env steps per second for each kind of task (cached multiple choice,
+    live generation)."""
     rewards: dict[str, list[float]] = {name: [] for name in tasks}
-    for start in range(0, len(documents), env.n_rows):
-        chunk = documents[start : start + env.n_rows]
-        live = list(range(len(chunk)))
-        obs, _ = env.reset(live, documents=chunk)
-        while live:
-            obs, reward, done, _, _ = env.step(act(obs), live)
-            for i in np.flatnonzero(done):
-                rewards[chunk[live[i]].task.name].append(float(reward[i]))
-            keep = ~done
-            live, obs = [row for row, k in zip(live, keep) if k], obs[keep]
+    for kind in ("multiple_choice", "generate_until"):
+        documents = [document for task in tasks.values() if task.kind == kind for document in task.documents]
+        documents.sort(key=lambda d: d.task.name)  # cohorts of one task decode together
+        steps, start = 0, time.perf_counter()
+        for first in range(0, len(documents), env.n_rows):
+            chunk = documents[first : first + env.n_rows]
+            live = list(range(len(chunk)))
+            obs, _ = env.reset(live, documents=chunk)
+            while live:
+                obs, reward, done, _, _ = env.step(act(obs), live)
+                steps += len(live)
+                for i in np.flatnonzero(done):
+                    rewards[chunk[live[i]].task.name].append(float(reward[i]))
+                keep = ~done
+                live, obs = [row for row, k in zip(live, keep) if k], obs[keep]
+        if speed is not None and steps:
+            speed[kind] = steps / (time.perf_counter() - start)
     env.close()  # drop the last chunk's decoding state
     return rewards
 
