@@ -60,18 +60,22 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
         if policy.spec.layout != run.features.layout:
             raise SystemExit(f"{label}: the agent's state is not the config's ({policy.spec.state} vs {run.config.state})")
         digest = hashlib.sha256((agent_dir(agent) / "actor.safetensors").read_bytes()).hexdigest()[:16]
-        out[label] = (f"agent={agent} (actor sha256 {digest})", agent_weights(policy.actor))
+        out[label] = (f"agent with actor sha256 {digest}", agent_weights(policy.actor))  # wherever it lies
     return out
 
 
-def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split: str = "test", reuse: Path | None = None) -> tuple[dict, dict]:
+def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split: str = "test", reuse: Path | None = None,
+                  only: set[str] | None = None) -> tuple[dict, dict]:
     """{label: {task: {doc key: score}}} and {label: {"seconds", env "steps_per_s" per kind of task}}
-    for every method on `split`. With `reuse`,
-    each finished method is written there and read back instead of rerun while it is the same method
-    on the same documents (so a killed table, or one with a new agent, costs only what is new)."""
+    for every method on `split` (`only`: for these methods alone, so that processes can share the
+    work). With `reuse`, each finished method is written there and read back instead of rerun while it
+    is the same method on the same documents (a killed table, or one with a new agent, costs only what
+    is new)."""
     documents = {t: [d.key for d in task.documents] for t, task in run.tasks[split].items()}
     scores, speed = {}, {}
     for label, (definition, act) in methods(run, fixed, agents).items():
+        if only is not None and label not in only:
+            continue
         key = {"members": list(run.config.members), "method": definition, "split": split, "documents": documents}
         path = reuse / f"scores_{label.replace(' ', '_')}.json" if reuse else None
         saved = json.loads(path.read_text()) if path and path.is_file() else None
