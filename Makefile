@@ -33,9 +33,9 @@ models: setup
 data: setup
 	$(PY) -m lm_eval_rlae.offline.data
 
-# The main job: rlae (uniform) vs hf for each member, same test documents, offline.
+# The main job: each specialist alone (hf), rlae uniform and rlae with the shipped RLAE_PPO agent, same test documents, offline.
 demo:
-	@echo "Main job: SmolLM2-135M + Gemma-3-270M from PyPI, ensembled (rlae) vs each alone (hf), offline."
+	@echo "Main job: the arithmetic SmolLM2-135M and the language Gemma-3-270M (PyPI + LoRA), each alone (hf), ensembled (rlae) uniform and with the RLAE_PPO agent, offline."
 	@echo "At most ~10 minutes on 2 CPU cores, after the one-time downloads and model conversion (a few minutes, cached)."
 	@$(MAKE) --no-print-directory models data
 	$(OFFLINE) $(PY) -m lm_eval_rlae.demo

