@@ -50,10 +50,10 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
     from trainer.train import agent_weights, constant
 
     names = list(run.config.members)
-    out = {f"{name} alone": (f"weights={np.eye(len(names))[m].tolist()}", constant(np.eye(len(names))[m])) for m, name in enumerate(names)}
-    out["uniform"] = ("weights=uniform", constant([1.0] * len(names)))
+    out = {f"{name} alone": (_weights(np.eye(len(names))[m]), constant(np.eye(len(names))[m])) for m, name in enumerate(names)}
+    out["uniform"] = (_weights([1.0] * len(names)), constant([1.0] * len(names)))
     if fixed is not None:
-        out["best fixed"] = (f"weights={list(fixed)}", constant(fixed))
+        out["best fixed"] = (_weights(fixed), constant(fixed))
     for label, agent in agents.items():
         policy = AgentPolicy.load(agent, names)
         policy.bind(run.members, run.engine.union)  # the same checks as --model_args agent=
@@ -64,6 +64,12 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
     return out
 
 
+def _weights(weights) -> str:
+    """Fixed weights as what they do (normalised), so equal weightings are one method."""
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return "weights=uniform" if np.allclose(w, w[0]) else f"weights={np.round(w, 6).tolist()}"
+
+
 def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split: str = "test", reuse: Path | None = None,
                   only: set[str] | None = None) -> tuple[dict, dict]:
     """{label: {task: {doc key: score}}} and {label: {"seconds", env "steps_per_s" per kind of task}}
@@ -72,10 +78,14 @@ def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split:
     is the same method on the same documents (a killed table, or one with a new agent, costs only what
     is new)."""
     documents = {t: [d.key for d in task.documents] for t, task in run.tasks[split].items()}
-    scores, speed = {}, {}
+    scores, speed, done = {}, {}, {}  # done: definition -> the label that has its scores
     for label, (definition, act) in methods(run, fixed, agents).items():
         if only is not None and label not in only:
             continue
+        if definition in done:  # e.g. best fixed = uniform: the same documents under the same weights
+            scores[label], speed[label] = scores[done[definition]], speed[done[definition]]
+            continue
+        done[definition] = label
         key = {"members": list(run.config.members), "method": definition, "split": split, "documents": documents}
         path = reuse / f"scores_{label.replace(' ', '_')}.json" if reuse else None
         saved = json.loads(path.read_text()) if path and path.is_file() else None
