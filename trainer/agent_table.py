@@ -56,9 +56,8 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
         out["best fixed"] = (_weights(fixed), constant(fixed))
     for label, agent in agents.items():
         policy = AgentPolicy.load(agent, names)
+        policy.features = run.features  # the env's state: bind refuses an agent laid out otherwise
         policy.bind(run.members, run.engine.union)  # the same checks as --model_args agent=
-        if policy.spec.layout != run.features.layout:
-            raise SystemExit(f"{label}: the agent's state is not the config's ({policy.spec.state} vs {run.config.state})")
         digest = hashlib.sha256((agent_dir(agent) / "actor.safetensors").read_bytes()).hexdigest()[:16]
         out[label] = (f"agent with actor sha256 {digest}", agent_weights(policy.actor))  # wherever it lies
     return out

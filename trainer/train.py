@@ -43,6 +43,7 @@ from tqdm import tqdm
 from lm_eval_rlae.offline.data import TASK_CONFIGS
 from lm_eval_rlae.policies.agent import AgentPolicy, AgentSpec, NetworkConfig, save_agent
 from lm_eval_rlae.policies.state import TEXT_ENCODER, make_state_features
+from trainer.tasks import OUTPUT_TYPES
 
 logger = logging.getLogger("rlae-train")
 
@@ -169,7 +170,7 @@ def evaluate(env, tasks: dict, act, speed: dict | None = None) -> dict[str, list
     `speed`, if given, receives env steps per second for each kind of task (cached multiple choice,
     live generation)."""
     rewards: dict[str, list[float]] = {name: [] for name in tasks}
-    for kind in ("multiple_choice", "generate_until"):
+    for kind in OUTPUT_TYPES:
         documents = [document for task in tasks.values() if task.kind == kind for document in task.documents]
         documents.sort(key=lambda d: d.task.name)  # cohorts of one task decode together
         steps, start = 0, time.perf_counter()
