@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,14 +137,52 @@ def test_training_writes_what_an_rl_engineer_reads(trained):
     assert json.loads((out / "config.json").read_text())["algorithm"] == "ppo"
 
 
-def test_resumed_run_is_the_run_that_was_not_stopped(tmp_path, bpe_member, sp_member, route_tasks):
-    """Stopped after epoch 1 and run again, training ends where an uninterrupted run ends, bit for bit."""
-    small = dict(updates_per_epoch=2, epochs=2, val_docs=8)
+@pytest.mark.parametrize("mc_rows", [0, 16])
+def test_resumed_run_is_the_run_that_was_not_stopped(tmp_path, bpe_member, sp_member, route_tasks, mc_rows):
+    """Stopped after epoch 1 and run again, training ends where an uninterrupted run ends, bit for bit
+    (with rows for multiple choice apart, each kind's sampler resumes too)."""
+    small = dict(updates_per_epoch=2, epochs=2, val_docs=8, mc_rows=mc_rows)
     straight = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "straight", **small))
     train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **(small | {"epochs": 1})))
     resumed = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **small))
     a, b = load_file(str(straight / "last" / "actor.safetensors")), load_file(str(resumed / "last" / "actor.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mc_rows_draw_only_multiple_choice_documents(tmp_path, bpe_member, sp_member, route_tasks):
+    from trainer.train import Run
+
+    run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", rows=4, mc_rows=12, val_docs=4))
+    expected = ["route_gen"] * 4 + ["route_mc"] * 12
+    run.env.reset()
+    assert [episode.document.task.name for episode in run.env.episodes] == expected
+    for _ in range(3):  # rows that finish are reset, each from its own sampler
+        done = np.flatnonzero(run.env.step(np.ones((16, 2)))[2])
+        run.env.reset(done)
+        assert [run.env.episodes[i].document.task.name for i in done] == [expected[i] for i in done]
+    with pytest.raises(SystemExit, match="no training task is generate_until"):
+        Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "mc", tasks={"route_mc": 1.0}, mc_rows=8, val_docs=4))
+
+
+def test_score_cache_scores_only_new_documents(tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
+    """More documents per task than the cache holds: only the new ones are scored, and they equal a
+    cache built from scratch."""
+    from trainer.scores import ScoreCache
+    from trainer.train import Run
+
+    scored = []
+    original = ScoreCache._score
+    monkeypatch.setattr(ScoreCache, "_score", lambda self, task, documents: scored.append((task.split, len(documents))) or original(self, task, documents))
+    small = dict(tasks={"route_mc": 1.0}, val_docs=4)
+    Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "grown" / "run", train_docs=6, **small))
+    grown = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "grown" / "run", train_docs=12, **small))
+    assert scored == [("train", 6), ("validation", 4), ("train", 6)]
+    fresh = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "fresh" / "run", train_docs=12, **small))
+    for a, b in zip(grown.scored["train"]["route_mc"], fresh.scored["train"]["route_mc"], strict=True):
+        np.testing.assert_allclose(a.obs, b.obs, atol=1e-4)
+        for choices_a, choices_b in zip(a.scored, b.scored, strict=True):
+            for x, y in zip(choices_a, choices_b, strict=True):
+                np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, bpe_member, sp_member, route_tasks):

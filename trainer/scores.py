@@ -7,7 +7,9 @@ with) and an epoch over cached documents runs no LLM forward at all.
 
 One file per (members, state kind, task, split): `<cache>/<identity>/<state>/<task>.<split>.safetensors`
 with the arrays, beside a JSON with the document keys; `identity` hashes each member's name,
-vocabulary and weights, so another member (or a rebuilt adapter) never reads stale scores.
+vocabulary and weights, so another member (or a rebuilt adapter) never reads stale scores. A document
+is found by its key; its requests are a function of it (the harness draws few-shot examples in
+document order from a seeded generator, so the first N documents' contexts do not depend on N).
 """
 
 from __future__ import annotations
@@ -54,21 +56,21 @@ class ScoreCache:
         self.dir = Path(root) / members_identity(engine.members) / features.kind
 
     def documents(self, task: TaskData) -> list[ScoredDocument]:
-        """Every document of the task's split, scored (from disk when already there)."""
+        """Every document of the task's split, scored: those already on disk are read, only the others
+        are scored (a run with more documents per task pays only for the new ones)."""
         path = self.dir / f"{task.name}.{task.split}.safetensors"
-        keys = [document.key for document in task.documents]
-        cached = self._read(path, keys)
-        if cached is not None:
-            return cached
-        documents = self._score(task)
-        self._write(path, keys, documents)
-        return documents
+        cached = self._read(path)
+        missing = [document for document in task.documents if document.key not in cached]
+        if missing:
+            cached |= dict(zip((document.key for document in missing), self._score(task, missing)))
+            self._write(path, cached)
+        return [cached[document.key] for document in task.documents]
 
     @torch.no_grad()
-    def _score(self, task: TaskData) -> list[ScoredDocument]:
+    def _score(self, task: TaskData, documents: list[Document]) -> list[ScoredDocument]:
         out = []
-        for start in tqdm(range(0, len(task), self.batch_docs), desc=f"scoring {task.name} ({task.split})", unit="batch"):
-            batch: list[Document] = task.documents[start : start + self.batch_docs]
+        for start in tqdm(range(0, len(documents), self.batch_docs), desc=f"scoring {task.name} ({task.split})", unit="batch"):
+            batch = documents[start : start + self.batch_docs]
             pairs = [pair for document in batch for pair in document.pairs]
             scored = self.engine.score(pairs)  # M x [R]
             firsts = np.cumsum([0] + [len(document.requests) for document in batch])
@@ -80,7 +82,8 @@ class ScoreCache:
                 out.append(ScoredDocument(obs[d], [per_member[choices] for per_member in scored]))
         return out
 
-    def _write(self, path: Path, keys: list[str], documents: list[ScoredDocument]) -> None:
+    def _write(self, path: Path, by_key: dict[str, ScoredDocument]) -> None:
+        keys, documents = list(by_key), list(by_key.values())
         arrays = {"obs": np.stack([d.obs for d in documents]).astype(np.float32)}
         arrays["choices"] = np.cumsum([0] + [len(d.scored[0]) for d in documents]).astype(np.int64)
         for m in range(len(self.engine.members)):
@@ -96,15 +99,17 @@ class ScoreCache:
         path.with_suffix(".json").write_text(json.dumps(meta))
         os.replace(tmp, path)  # last: the arrays exist only once complete
 
-    def _read(self, path: Path, keys: list[str]) -> list[ScoredDocument] | None:
+    def _read(self, path: Path) -> dict[str, ScoredDocument]:
+        """{document key: scored} of the file, empty when there is none or it is stale."""
         meta_path = path.with_suffix(".json")
         if not (path.is_file() and meta_path.is_file()):
-            return None
+            return {}
         meta = json.loads(meta_path.read_text())
-        expected = {"format": CACHE_FORMAT, "state_version": STATE_VERSION, "keys": keys, "layout": self.features.layout.to_json()}
+        expected = {"format": CACHE_FORMAT, "state_version": STATE_VERSION, "layout": self.features.layout.to_json()}
         if any(meta.get(key) != value for key, value in expected.items()):
-            logger.info("%s is stale (other documents or layout): scoring again", path)
-            return None
+            logger.info("%s is stale (another format or state layout): scoring again", path)
+            return {}
+        keys = meta["keys"]
         arrays = load_file(str(path))
         choices = arrays["choices"]
         members = []
@@ -122,7 +127,7 @@ class ScoreCache:
                     for r in range(len(tokens) - 1)
                 ]
             )
-        return [
-            ScoredDocument(arrays["obs"][d], [per_member[choices[d] : choices[d + 1]] for per_member in members])
-            for d in range(len(keys))
-        ]
+        return {
+            key: ScoredDocument(arrays["obs"][d], [per_member[choices[d] : choices[d + 1]] for per_member in members])
+            for d, key in enumerate(keys)
+        }

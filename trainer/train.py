@@ -10,11 +10,11 @@ The loop, top to bottom:
   evaluate uniform weights and the configured baselines on validation (the bars to beat)
   for each epoch:
       restart the env's episodes
-      repeat updates_per_epoch times: collect rows x steps_per_collect env steps (Tianshou
+      repeat updates_per_epoch times: collect (rows + mc_rows) x steps_per_collect env steps (Tianshou
           Collector over `EnsembleEnv`), one PPO/MAPPO update, TensorBoard scalars
       validate the agent (deterministic: the mean weights, as at evaluation) on the validation split
       write `last/` (and `best/` when validation improved): agents `--model_args agent=DIR` loads
-      write the training checkpoint (networks, optimizer, counters, every RNG, the env's sampler)
+      write the training checkpoint (networks, optimizer, counters, every RNG, the env's samplers)
 
 Run the same command again after a kill and it resumes from the last checkpoint; as episodes restart
 at epoch boundaries and every RNG is restored, the resumed run is the run that was not killed.
@@ -64,6 +64,8 @@ class TrainConfig:
     val_docs: int = 40  # per task: the first N of its validation split
     test_docs: int = 100  # per task, for rlae-agent-table: the first N of its test split (as lm_eval --limit N)
     rows: int = 32  # episodes stepped together (the env's batch)
+    mc_rows: int = 0  # more rows, drawing only (cached, ~300x cheaper) multiple-choice documents; the
+    # `rows` then draw only generation documents, and each kind keeps the mixture's ratios within it
     steps_per_collect: int = 4  # env steps per row collected before each update
     updates_per_epoch: int = 10
     epochs: int = 6
@@ -108,7 +110,7 @@ class Run:
         from lm_eval_rlae.engine.members import Member, MemberSpec
         from lm_eval_rlae.offline.presets import cache_dir
         from lm_eval_rlae.policies import UniformPolicy
-        from trainer.env import DocumentSampler, EnsembleEnv
+        from trainer.env import EnsembleEnv
         from trainer.scores import ScoreCache
         from trainer.tasks import load_tasks
 
@@ -142,8 +144,8 @@ class Run:
             for split, tasks in self.tasks.items()
         }
         if "train" in splits:
-            self.sampler = DocumentSampler({name: len(task) for name, task in self.tasks["train"].items()}, c.tasks, c.seed)
-            self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], c.rows, c.span_length, self.sampler)
+            self.samplers, rows = _row_samplers(self.tasks["train"], c.tasks, c.rows, c.mc_rows, c.seed)
+            self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], len(rows), c.span_length, rows)
         # Evaluation splits: every document once, decoded `eval_rows` at a time.
         self.eval_envs = {
             split: EnsembleEnv(self.engine, self.features, self.tasks[split], self.scored[split], c.eval_rows, c.span_length)
@@ -154,6 +156,24 @@ class Run:
     def evaluate(self, split: str, act: typing.Callable, speed: dict | None = None) -> dict[str, list[float]]:
         """{task: per-document rewards} of `split` with weights from `act` (and env steps/s in `speed`)."""
         return evaluate(self.eval_envs[split], self.tasks[split], act, speed)
+
+
+def _row_samplers(tasks: dict, ratios: dict[str, float], rows: int, mc_rows: int, seed: int):
+    """The train env's samplers by name, and the sampler of each row ([rows + mc_rows])."""
+    from trainer.env import DocumentSampler
+
+    def sampler(names: list[str], seed: int) -> DocumentSampler:
+        return DocumentSampler({name: len(tasks[name]) for name in names}, ratios, seed)
+
+    if mc_rows == 0:
+        mixture = sampler(list(tasks), seed)
+        return {"mixture": mixture}, [mixture] * rows
+    by_kind = {kind: [name for name, task in tasks.items() if task.kind == kind] for kind in OUTPUT_TYPES}
+    for kind, names in by_kind.items():
+        if not names:
+            raise SystemExit(f"mc_rows={mc_rows} splits the rows by kind of task, but no training task is {kind}: set mc_rows to 0")
+    samplers = {kind: sampler(names, seed + i) for i, (kind, names) in enumerate(by_kind.items())}
+    return samplers, [samplers["generate_until"]] * rows + [samplers["multiple_choice"]] * mc_rows
 
 
 def _seed_everything(seed: int) -> None:
@@ -243,14 +263,16 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         epoch, env_steps, best = 0, 0, -np.inf
     else:
         algorithm.load_state_dict(saved["algorithm"])
-        run.sampler.load_state_dict(saved["sampler"])
+        for name, sampler in run.samplers.items():
+            sampler.load_state_dict(saved["samplers"][name])
         torch.set_rng_state(saved["torch_rng"])
         np.random.set_state(saved["numpy_rng"])
         random.setstate(saved["python_rng"])
         history, epoch, env_steps, best = saved["history"], saved["epoch"], saved["env_steps"], saved["best"]
         logger.info("resumed from %s/checkpoint after epoch %d", out, epoch)
 
-    buffer = VectorReplayBuffer(c.rows * c.steps_per_collect, c.rows)
+    rows = len(run.env)
+    buffer = VectorReplayBuffer(rows * c.steps_per_collect, rows)
     collector = Collector(policy, run.env, buffer)
     total = c.epochs * c.updates_per_epoch
     bar = tqdm(total=total, initial=epoch * c.updates_per_epoch, desc=f"rlae-train {c.algorithm}", unit="update")
@@ -260,7 +282,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             step = epoch * c.updates_per_epoch + update
             start = time.perf_counter()
             with policy_within_training_step(policy), torch_train_mode(policy, False):
-                collect = collector.collect(n_step=c.rows * c.steps_per_collect)
+                collect = collector.collect(n_step=rows * c.steps_per_collect)
             collect_seconds = time.perf_counter() - start
             env_steps += collect.n_collected_steps
             rollout = _rollout_scalars(buffer, c.members)
@@ -307,7 +329,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             {
                 "config": dataclasses.asdict(config),
                 "algorithm": algorithm.state_dict(),
-                "sampler": run.sampler.state_dict(),
+                "samplers": {name: sampler.state_dict() for name, sampler in run.samplers.items()},
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(),
                 "python_rng": random.getstate(),
