@@ -6,12 +6,18 @@
 
 Requests are ordered and batched with lm-eval's own Collator (longest first, generation grouped
 by gen_kwargs) and run through the FusionEngine.
+
+Data parallel, as `--model hf` on several GPUs: `accelerate launch -m lm_eval --model rlae ...` runs
+one process per device, each with every member on its own device; the harness gives each process
+its share of the documents (`rank`, `world_size`) and gathers their results. CPU processes work too
+(gloo), unlike hf, which splits documents only over several GPUs.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from datetime import timedelta
 
 from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -38,6 +44,7 @@ class RLAELM(LM):
     span_length:  union tokens generated between two calls of the weight policy (default: the
                   agent's own, else 4)
     device/dtype: defaults for every member; `devices=[..]` / `dtypes=[..]` set them per member
+                  (under `accelerate launch` on several processes, each process's own device)
     trust_remote_code: off unless asked, for every member
     """
 
@@ -68,6 +75,16 @@ class RLAELM(LM):
             if values and len(values) != len(entries):
                 raise ValueError(f"{key}s has {len(values)} values for {len(entries)} members: give one per member")
         self.batch_size = _batch_size(batch_size, max_batch_size)
+        self.accelerator = _data_parallel()
+        if self.accelerator is not None:
+            if per_member["device"]:
+                raise ValueError(
+                    f"devices={devices} under accelerate launch with {self.accelerator.num_processes} processes: each "
+                    "process holds every member on its own device; drop devices=, or run one process"
+                )
+            device = str(self.accelerator.device)
+        self._rank = self.accelerator.process_index if self.accelerator else 0
+        self._world_size = self.accelerator.num_processes if self.accelerator else 1
         specs = [
             MemberSpec.parse(
                 entry,
@@ -100,6 +117,23 @@ class RLAELM(LM):
         additional = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**key_val_to_dict(arg_string), **additional)
 
+    # the harness's collectives, as HFLM's (no-ops in one process)
+    def all_gather(self, tensor):
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        import torch.distributed
+
+        gathered = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
     @property
     def tokenizer_name(self) -> str:
         return "+".join(member.name for member in self.members)
@@ -120,7 +154,7 @@ class RLAELM(LM):
             group_fn=lambda args: args[1],
         )
         results = []
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae generate_until") as bar:
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae generate_until") as bar:
             for chunk in collator.get_batched(n=self.batch_size):
                 contexts, all_kwargs = zip(*chunk)
                 kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
@@ -154,7 +188,7 @@ class RLAELM(LM):
             by_context[request.args[0]].append(i)
         contexts = sorted(by_context, key=lambda context: (-len(context), context))
         results: list = [None] * len(requests)
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae loglikelihood") as bar:
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae loglikelihood") as bar:
             for start in range(0, len(contexts), self.batch_size):
                 indices = [i for context in contexts[start : start + self.batch_size] for i in by_context[context]]
                 for i, answer in zip(indices, self.engine.loglikelihood([requests[i].args for i in indices])):
@@ -166,13 +200,27 @@ class RLAELM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         collator = Collator([request.args[0] for request in requests], sort_fn=lambda text: (-len(text), text))
         results = []
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="rlae loglikelihood_rolling") as bar:
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae loglikelihood_rolling") as bar:
             for chunk in collator.get_batched(n=self.batch_size):
                 for text, answer in zip(chunk, self.engine.loglikelihood_rolling(list(chunk))):
                     results.append(answer)
                     self.cache_hook.add_partial("loglikelihood_rolling", (text,), answer)
                     bar.update(1)
         return collator.get_original(results)
+
+
+def _data_parallel():
+    """accelerate's Accelerator when launched on several processes, else None. Without a GPU,
+    accelerate makes processes a group only when told they are CPU ones (gloo)."""
+    import os
+
+    import torch
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # a process that finishes its share early waits for the others (HFLM's timeout)
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
 
 
 def _check_text_only(requests) -> None:
