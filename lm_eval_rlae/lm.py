@@ -38,7 +38,9 @@ class RLAELM(LM):
     members:      model names, paths or presets: `[a,b]`, or a JSON list whose items may be dicts
                   of per-member options (`{"pretrained": ..., "device": "cuda:1", "dtype": "bfloat16",
                   "gguf_file": ..., "peft": ...}`)
-    weights:      `uniform` or one non-negative weight per member, e.g. `[0.7,0.3]`
+    weights:      `uniform`, one non-negative weight per member (e.g. `[0.7,0.3]`), or `perplexity`:
+                  PackLLM's weights from each member's perplexity of the prompt
+    perplexity_temperature: of the softmax over negative log-perplexities (default 1, PackLLM's)
     agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the
@@ -52,6 +54,7 @@ class RLAELM(LM):
         self,
         members=None,
         weights=None,
+        perplexity_temperature: float = 1.0,
         agent: str | None = None,
         span_length: int | None = None,
         device: str | None = None,
@@ -103,7 +106,7 @@ class RLAELM(LM):
             policy = AgentPolicy.load(str(agent), [spec.pretrained for spec in specs])
             span_length = span_length or policy.spec.span_length
         else:
-            policy = make_policy(weights, len(entries))
+            policy = make_policy(weights, len(entries), float(perplexity_temperature))
         self.members = [Member(spec) for spec in specs]
         self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed))
         self.max_gen_toks = int(max_gen_toks)

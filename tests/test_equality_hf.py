@@ -128,6 +128,15 @@ def test_two_copies_of_a_member_equal_that_member(run_eval, members, kind):
         assert_same_samples(task, got[task], want[task], f"rlae[{kind},{kind}] vs hf[{kind}]")
 
 
+def test_perplexity_weights_on_copies_equal_that_member(run_eval, members):
+    """weights=perplexity (PackLLM) through the harness: copies read the prompt equally, so they weigh
+    the same and the ensemble is the member, on generation, choices and rolling text alike."""
+    want = run_eval("hf", hf(members["sp"]), ALL)
+    got = run_eval("rlae", rlae([members["sp"], members["sp"]], weights="perplexity"), ALL, batch_size=4)
+    for task in ALL:
+        assert_same_samples(task, got[task], want[task], "rlae[sp,sp] weights=perplexity vs hf[sp]")
+
+
 @pytest.mark.parametrize("hot", [0, 1])
 def test_one_hot_weights_equal_that_member(run_eval, members, hot):
     kind = ["bpe", "sp"][hot]

@@ -15,7 +15,7 @@ import text_strategies
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, Scored, mixture_logprob
 from lm_eval_rlae.engine.members import Member, MemberSpec
 from lm_eval_rlae.offline.presets import PRESETS
-from lm_eval_rlae.policies import FixedPolicy, UniformPolicy, WeightPolicy
+from lm_eval_rlae.policies import FixedPolicy, PerplexityPolicy, UniformPolicy, WeightPolicy
 
 CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
 
@@ -225,3 +225,47 @@ def test_policies_can_read_final_hidden_states(members):
     at_context_end = policy.seen[-1]
     for generated, scored in zip(at_prompt, at_context_end):
         torch.testing.assert_close(generated, scored, atol=1e-4, rtol=1e-4)
+
+
+class _RecordingPerplexity(PerplexityPolicy):
+    def __init__(self, n_members, temperature=1.0):
+        super().__init__(n_members, temperature)
+        self.seen = []  # (prompt log-perplexities [B, M], weights [B, M])
+
+    def weights(self, state):
+        weights = super().weights(state)
+        self.seen.append((state.prompt_logppl, weights))
+        return weights
+
+
+def _logppl(member, text: str) -> float:
+    """Mean -log p of the member's tokens of `text` after the first, from one plain forward over them."""
+    ids = torch.tensor([member.lm.tok_encode(text)])
+    logprobs = member.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return float(-logprobs.gather(-1, ids[0, 1:, None]).mean())
+
+
+def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members):
+    """`weights=perplexity`: softmax(-log-perplexity / T) of each member's own reading of the prompt,
+    taken from the forward pass the engine runs anyway, the same when generating and when scoring,
+    rows of different lengths in one batch."""
+    prompts = ["The quick brown fox", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12"]
+    expected = torch.tensor([[_logppl(member, prompt) for member in members] for prompt in prompts])  # [B, M]
+    policy = _RecordingPerplexity(len(members), temperature=0.5)
+    engine = FusionEngine(members, policy)
+    engine.generate(prompts, Decoding(until=[], max_gen_toks=6))
+    engine.loglikelihood([(prompt, " jumps") for prompt in prompts])
+    assert len(policy.seen) == 3  # two spans of generation, one scoring batch
+    for logppl, weights in policy.seen:
+        torch.testing.assert_close(logppl, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(weights, torch.softmax(-expected / 0.5, -1), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(policy.seen[0][1][0], policy.seen[0][1][1])  # the prompts get different weights
+
+
+def test_perplexity_of_a_head_it_cannot_read_is_refused(bpe_member):
+    """A member whose logits are not its output head's (an architecture's own logit scaling) is
+    refused, not given wrong perplexities."""
+    member = Member(MemberSpec.parse(bpe_member, {"device": "cpu"}))
+    member.model.config.final_logit_softcapping = 0.5  # read by the check, ignored by Llama's forward
+    with pytest.raises(ValueError, match="beyond its output head"):
+        FusionEngine([member, member], PerplexityPolicy(2)).loglikelihood([("The quick brown fox", " jumps")])

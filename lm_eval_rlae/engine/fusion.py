@@ -19,7 +19,7 @@ import torch
 
 from lm_eval_rlae.engine import utf8
 from lm_eval_rlae.engine.chat import render
-from lm_eval_rlae.engine.members import Member, MemberStream
+from lm_eval_rlae.engine.members import Member, MemberStream, next_token_targets
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
 from lm_eval_rlae.engine.vocab import UnionVocab
 
@@ -74,6 +74,7 @@ class Scored:
     greedy: bool
     decision_logprobs: torch.Tensor  # [V] next-token log-probs at the end of the context
     decision_hidden: torch.Tensor | None  # [H]
+    context_logppl: float | None = None  # log-perplexity of the context (policies that ask for it)
 
 
 class FusionEngine:
@@ -125,6 +126,7 @@ class FusionEngine:
             span_index=torch.zeros(batch, dtype=torch.long),
             contexts=contexts,
             generated=["" for _ in range(batch)],
+            prompt_logppl=torch.tensor([[s.context_logppl for s in per_member] for per_member in scored]).T if self.policy.needs_prompt_perplexity else None,
         )
 
     @torch.no_grad()
@@ -153,7 +155,7 @@ class FusionEngine:
     def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[Scored]:
         """Score each request, given as one or more (context ids, continuation ids) windows."""
         windows = [window for request in requests for window in request]
-        scored = []  # per window: (token log-probs, greedy, decision log-probs, decision hidden)
+        scored = []  # per window: (token log-probs, greedy, decision log-probs, decision hidden, context log-perplexity)
         for group in _groups(windows, max_positions=_MAX_LOGITS // len(member.vocab.token_bytes)):
             scored += self._score_windows(member, group)
         token_lengths = member.vocab.token_lengths
@@ -167,6 +169,7 @@ class FusionEngine:
                     greedy=all(greedy for _, greedy, *_ in parts),
                     decision_logprobs=parts[0][2],
                     decision_hidden=parts[0][3],
+                    context_logppl=parts[0][4],
                 )
             )
             w += len(request)
@@ -197,10 +200,12 @@ class FusionEngine:
             prefix_ids[g, width - len(prefix) :] = torch.tensor(prefix)
         prefix_mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()  # [G, W]
         cache = DynamicCache(config=member.model.config)
-        first, hidden, cache = member.forward(
+        next_ids = next_token_targets(prefix_ids, lengths) if self.policy.needs_prompt_perplexity else None
+        first, hidden, cache, nll = member.forward(
             prefix_ids, prefix_mask, (prefix_mask.cumsum(-1) - 1).clamp(min=0), torch.full((len(group_of), 1), width - 1),
-            cache=cache, hidden=self.policy.needs_hidden,
+            cache=cache, hidden=self.policy.needs_hidden, targets=next_ids,
         )  # first: [G, 1, V] at each prefix's last token
+        logppl = (nll.cpu() / (lengths - 1).clamp(min=1)).tolist() if nll is not None else None  # [G]
         first = first[:, 0] - first[:, 0].logsumexp(-1, keepdim=True)  # [G, V] log-probs
 
         rows = [i for i, target in enumerate(targets) if len(target) > 1]  # those with more to score
@@ -215,7 +220,7 @@ class FusionEngine:
             cache.batch_select_indices(groups.to(member.device))  # each row continues its own prefix
             suffix_mask = (torch.arange(span)[None, :] < torch.tensor([len(x) for x in suffixes])[:, None]).long()
             positions = lengths[groups][:, None] + torch.arange(span)[None, :]
-            logits, _, _ = member.forward(
+            logits, _, _, _ = member.forward(
                 suffix_ids, torch.cat([prefix_mask[groups], suffix_mask], dim=1), positions,
                 torch.arange(span)[None, :].expand(len(rows), -1), cache=cache,
             )
@@ -237,6 +242,7 @@ class FusionEngine:
                     bool((greedy[: len(target)] == target).all()),
                     first[g],
                     hidden[g, 0] if hidden is not None else None,
+                    logppl[g] if logppl is not None else None,
                 )
             )
         return out
@@ -252,7 +258,11 @@ class Generation:
     def __init__(self, engine: FusionEngine, contexts: list[str], decoding: Decoding):
         self.engine, self.union, self.decoding = engine, engine.union, decoding
         self.contexts = list(contexts)
-        self.streams = [MemberStream(member, len(contexts), hidden=engine.policy.needs_hidden) for member in engine.members]
+        policy = engine.policy
+        self.streams = [
+            MemberStream(member, len(contexts), hidden=policy.needs_hidden, prompt_perplexity=policy.needs_prompt_perplexity)
+            for member in engine.members
+        ]
         for member, stream in zip(engine.members, self.streams):
             stream.feed([self._context_ids(member, context) for context in contexts])
         self.rows = [_Row(len(engine.members)) for _ in contexts]
@@ -274,6 +284,7 @@ class Generation:
             span_index=torch.full((len(self.rows),), self.spans),
             contexts=self.contexts,
             generated=self.texts(),
+            prompt_logppl=torch.stack([stream.prompt_logppl for stream in self.streams], -1) if self.engine.policy.needs_prompt_perplexity else None,
         )
 
     @torch.no_grad()

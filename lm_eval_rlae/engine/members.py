@@ -136,10 +136,12 @@ class Member:
         return self.lm.max_length
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, position_ids, keep, cache=None, hidden=False):
+    def forward(self, input_ids, attention_mask, position_ids, keep, cache=None, hidden=False, targets=None):
         """One forward pass; logits only at `keep` positions ([B, K] indices into the chunk).
 
-        Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache).
+        targets [B, T]: the id each input position predicts (-1 where none); with them, also each
+        row's summed negative log-likelihood of its targets (a prompt's perplexity, from the same pass).
+        Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache, nll [B] or None).
         """
         out = self.model(
             input_ids=input_ids.to(self.device),
@@ -148,13 +150,40 @@ class Member:
             past_key_values=cache,
             use_cache=cache is not None,
             logits_to_keep=keep.to(self.device),
-            output_hidden_states=hidden,
+            output_hidden_states=hidden or targets is not None,
         )
-        states = None
-        if hidden:
-            last = out.hidden_states[-1]
-            states = torch.gather(last, 1, keep.to(last.device)[..., None].expand(-1, -1, last.shape[-1])).float()
-        return out.logits.float(), states, out.past_key_values
+        states = nll = None
+        if hidden or targets is not None:
+            last = out.hidden_states[-1]  # [B, T, H] after the final norm
+            kept = torch.gather(last, 1, keep.to(last.device)[..., None].expand(-1, -1, last.shape[-1]))  # [B, K, H]
+            states = kept.float() if hidden else None
+            if targets is not None:
+                nll = self._nll(last, targets.to(last.device), kept, out.logits)
+        return out.logits.float(), states, out.past_key_values, nll
+
+    def _nll(self, last, targets, kept, logits) -> torch.Tensor:
+        """[B] summed -log p(target) from the final hidden states [B, T, H], through the output head a
+        few positions at a time: every position's logits at once would be [B, T, V]."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma 2 / 3
+
+        def project(hidden):
+            z = head(hidden).float()
+            return z if cap is None else torch.tanh(z / cap) * cap
+
+        if not torch.allclose(project(kept), logits.float(), rtol=1e-3, atol=1e-3):
+            raise ValueError(
+                f"member {self.name!r} computes its logits beyond its output head (a logit scale of its architecture): "
+                "prompt perplexities cannot be read off its forward pass; use weights=uniform, fixed weights or an agent"
+            )
+        batch, length, _ = last.shape
+        chunk = max(1, 2**26 // (batch * head.weight.shape[0]))  # positions per chunk: at most 256 MiB of logits
+        nll = torch.zeros(batch, device=last.device)
+        for start in range(0, length, chunk):
+            part = targets[:, start : start + chunk]  # [B, c]
+            logprobs = project(last[:, start : start + chunk]).log_softmax(-1).gather(-1, part.clamp(min=0)[..., None])[..., 0]
+            nll -= (logprobs * (part >= 0)).sum(-1)
+        return nll
 
 
 class MemberStream:
@@ -174,9 +203,10 @@ class MemberStream:
     of Gemma's 512); removing them would mean compacting every layer's cache per row.
     """
 
-    def __init__(self, member: Member, batch: int, hidden: bool = False):
+    def __init__(self, member: Member, batch: int, hidden: bool = False, prompt_perplexity: bool = False):
         self.member = member
         self.hidden = hidden
+        self.prompt_perplexity = prompt_perplexity
         self.cache = None
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, T] over cache slots
         self.next_pos = torch.zeros(batch, dtype=torch.long)  # [B] position of the next real token
@@ -184,6 +214,7 @@ class MemberStream:
         self.ids: list[list[int]] = [[] for _ in range(batch)]  # the live tokens themselves
         self.logprobs: torch.Tensor | None = None  # [B, V] next-token log-probs of each row
         self.states: torch.Tensor | None = None  # [B, H] final hidden state at each row's last token
+        self.prompt_logppl: torch.Tensor | None = None  # [B] log-perplexity of the first ids fed (the prompt)
 
     def take_back(self, row: int, n: int) -> None:
         """Forget the last n ids fed to `row`."""
@@ -212,13 +243,18 @@ class MemberStream:
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         position_ids = (self.next_pos[:, None] + torch.arange(width)[None, :] - pad).clamp(min=0)
         keep = torch.full((batch, 1), width - 1)  # [B, 1] the last slot: each fed row's last new token
+        targets = None
         if self.cache is None:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.member.model.config)
-        logits, states, self.cache = self.member.forward(
-            input_ids, self.mask, position_ids, keep, cache=self.cache, hidden=self.hidden
+            if self.prompt_perplexity:
+                targets = next_token_targets(input_ids, lengths)
+        logits, states, self.cache, nll = self.member.forward(
+            input_ids, self.mask, position_ids, keep, cache=self.cache, hidden=self.hidden, targets=targets
         )
+        if nll is not None:
+            self.prompt_logppl = nll.cpu() / (lengths - 1).clamp(min=1)
         logprobs = torch.log_softmax(logits, dim=-1)
         fed = (lengths > 0).to(logprobs.device)
         self.logprobs = logprobs[:, 0] if self.logprobs is None else torch.where(fed[:, None], logprobs[:, 0], self.logprobs)
@@ -226,3 +262,13 @@ class MemberStream:
             self.states = states[:, 0] if self.states is None else torch.where(fed[:, None], states[:, 0], self.states)
         self.next_pos += lengths
 
+
+
+def next_token_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, W] the id each position of right-justified rows ([B, W], row r's last lengths[r] slots)
+    predicts: the next id of the row, -1 at its last id and in its padding."""
+    width = ids.shape[1]
+    targets = torch.full_like(ids, -1)
+    targets[:, :-1] = ids[:, 1:]
+    first = width - lengths[:, None]  # [B, 1] first slot of each row
+    return targets.masked_fill(torch.arange(width)[None, :] < first, -1)

@@ -26,6 +26,9 @@ class PolicyState:
     span_index:      [B]           spans generated so far (0 at the end of the prompt)
     contexts:        B prompts, as given to the ensemble
     generated:       B texts generated so far
+    prompt_logppl:   [B, M]        each member's log-perplexity of the prompt: mean negative
+                     log-likelihood per token of its own tokens after the first (None unless the
+                     policy sets `needs_prompt_perplexity`)
     """
 
     member_logprobs: list[torch.Tensor]
@@ -33,6 +36,7 @@ class PolicyState:
     span_index: torch.Tensor
     contexts: list[str]
     generated: list[str]
+    prompt_logppl: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +47,7 @@ class WeightPolicy(abc.ABC):
     """Maps a PolicyState to weights [B, M]: non-negative, each row summing to 1."""
 
     needs_hidden: bool = False
+    needs_prompt_perplexity: bool = False
 
     def __init__(self, n_members: int):
         self.n_members = n_members
@@ -84,17 +89,41 @@ class FixedPolicy(WeightPolicy):
         return self.fixed.expand(state.batch_size, -1)
 
 
-def make_policy(weights, n_members: int) -> WeightPolicy:
-    """`weights=uniform`, or a list of one non-negative number per member (`weights=[0.7,0.3]`)."""
+class PerplexityPolicy(WeightPolicy):
+    """PackLLM-sim (Mavromatis et al., 2024, "Pack of LLMs"): each member weighs by how well it reads
+    the prompt, softmax(-log-perplexity / temperature) over the members, one weight vector per prompt.
+
+    PackLLM scores every member on one reference tokenization; here each member reads the prompt in
+    its own tokens (no vocabulary mapping), and the log-perplexities come from the forward pass the
+    ensemble runs anyway over the prompt. Temperature 1 is PackLLM's.
+    """
+
+    needs_prompt_perplexity = True
+
+    def __init__(self, n_members: int, temperature: float = 1.0):
+        super().__init__(n_members)
+        if not temperature > 0:
+            raise ValueError(f"perplexity_temperature={temperature}: it must be > 0")
+        self.temperature = temperature
+
+    def weights(self, state: PolicyState) -> torch.Tensor:
+        return torch.softmax(-state.prompt_logppl.float() / self.temperature, dim=-1)
+
+
+def make_policy(weights, n_members: int, perplexity_temperature: float = 1.0) -> WeightPolicy:
+    """`weights=uniform`, `weights=perplexity` (PackLLM), or a list of one non-negative number per
+    member (`weights=[0.7,0.3]`)."""
     if weights is None or (isinstance(weights, str) and weights.strip().lower() == "uniform"):
         return UniformPolicy(n_members)
+    if isinstance(weights, str) and weights.strip().lower() == "perplexity":
+        return PerplexityPolicy(n_members, float(perplexity_temperature))
     values = parse_list(weights)
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
         values = [math.nan]
     if not all(map(math.isfinite, values)):
-        raise ValueError(f"weights={weights!r}: use `uniform` or a list of finite numbers, one per member, e.g. weights=[0.5,0.5]")
+        raise ValueError(f"weights={weights!r}: use `uniform`, `perplexity` or a list of finite numbers, one per member, e.g. weights=[0.5,0.5]")
     if len(values) != n_members:
         raise ValueError(f"weights={weights!r} has {len(values)} values but there are {n_members} members: give one weight per member")
     if any(v < 0 for v in values):
