@@ -143,18 +143,27 @@ class Member:
         row's summed negative log-likelihood of its targets (a prompt's perplexity, from the same pass).
         Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache, nll [B] or None).
         """
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
-            logits_to_keep=keep.to(self.device),
-            output_hidden_states=hidden or targets is not None,
-        )
-        states = nll = None
+        # The final hidden states, when asked for, are the decoder's own output, caught on the way
+        # to the head: output_hidden_states would keep every layer's [B, T, H] to return the last.
+        caught = {}
+        hook = None
         if hidden or targets is not None:
-            last = out.hidden_states[-1]  # [B, T, H] after the final norm
+            hook = self.model.get_decoder().register_forward_hook(lambda _, __, output: caught.update(last=output.last_hidden_state))
+        try:
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=keep.to(self.device),
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        states = nll = None
+        if caught:
+            last = caught["last"]  # [B, T, H] after the final norm
             kept = torch.gather(last, 1, keep.to(last.device)[..., None].expand(-1, -1, last.shape[-1]))  # [B, K, H]
             states = kept.float() if hidden else None
             if targets is not None:
