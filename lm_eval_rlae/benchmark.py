@@ -2,10 +2,12 @@
 `HFLM`, the very objects the ensemble holds) and through `rlae`, in one process, with ratios.
 
     python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 8]
-        [--prompts 16] [--max-gen-toks 32] [--device cpu]
+        [--prompts 16] [--max-gen-toks 32] [--device cpu] [--gate 0.9]
 
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
+With `--gate`, the ensemble also runs with that confidence gate (generation only: the other members
+skip the steps the first decides alone).
 Peak GPU memory is reported per run on CUDA.
 """
 
@@ -59,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-gen-toks", type=int, default=32)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
     args = parser.parse_args(argv)
 
+    from lm_eval_rlae.engine.fusion import check_gate
     from lm_eval_rlae.lm import RLAELM
 
     ensemble = RLAELM(members=f"[{args.members}]", device=args.device, batch_size=args.batch_size)
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     alone = list(runs.values())
     runs["members, sum"] = tuple((sum(run[k][0] for run in alone), None) for k in (0, 1))
     runs["rlae uniform"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
+    if args.gate is not None:
+        ensemble.engine.gate = check_gate(args.gate)
+        runs[f"rlae uniform, gate={args.gate:g}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
 
     print(f"\n{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy) and {len(score)} loglikelihood requests, "
           f"batch {args.batch_size}, device {device}")
@@ -81,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         memory = "n/a" if gen_mem is None else f"{gen_mem:.2f} / {score_mem:.2f}"
         print(f"| {label} | {gen_s:.2f} | {score_s:.2f} | {memory} |")
     (gen_sum, _), (score_sum, _) = runs["members, sum"]
-    (gen_rlae, _), (score_rlae, _) = runs["rlae uniform"]
-    print(f"\nrlae / members: generate_until {gen_rlae / gen_sum:.2f}, loglikelihood {score_rlae / score_sum:.2f}")
+    print()
+    for label in [label for label in runs if label.startswith("rlae")]:
+        (gen_rlae, _), (score_rlae, _) = runs[label]
+        print(f"{label} / members: generate_until {gen_rlae / gen_sum:.2f}, loglikelihood {score_rlae / score_sum:.2f}")
 
 
 if __name__ == "__main__":

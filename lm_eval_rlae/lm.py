@@ -24,7 +24,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from lm_eval_rlae.engine.chat import encode_chat
-from lm_eval_rlae.engine.fusion import Decoding, FusionEngine
+from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, check_gate
 from lm_eval_rlae.engine.members import Member, MemberSpec, parse_list
 from lm_eval_rlae.policies import make_policy
 from lm_eval_rlae.policies.agent import AgentPolicy
@@ -41,6 +41,8 @@ class RLAELM(LM):
     weights:      `uniform`, one non-negative weight per member (e.g. `[0.7,0.3]`), or `perplexity`:
                   PackLLM's weights from each member's perplexity of the prompt
     perplexity_temperature: of the softmax over negative log-perplexities (default 1, PackLLM's)
+    gate:         a confidence gate for generation (GaC's), e.g. 0.9: a token the first member gives
+                  more than this probability is its alone, and the other members skip that step
     agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the
@@ -66,6 +68,7 @@ class RLAELM(LM):
         max_batch_size: int = 64,
         max_gen_toks: int = 256,
         seed: int = 1234,
+        gate: float | None = None,
     ):
         super().__init__()
         entries = parse_list(members)
@@ -100,6 +103,7 @@ class RLAELM(LM):
             for i, entry in enumerate(entries)
         ]
         # arguments and the agent's checkpoint are checked before loading any model
+        gate = check_gate(gate)
         if agent is not None:
             if weights is not None:
                 raise ValueError(f"give weights={weights} or agent={agent}, not both: an agent sets the weights itself")
@@ -108,7 +112,7 @@ class RLAELM(LM):
         else:
             policy = make_policy(weights, len(entries), float(perplexity_temperature))
         self.members = [Member(spec) for spec in specs]
-        self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed))
+        self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed), gate=gate)
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
 

@@ -137,6 +137,13 @@ def test_perplexity_weights_on_copies_equal_that_member(run_eval, members):
         assert_same_samples(task, got[task], want[task], "rlae[sp,sp] weights=perplexity vs hf[sp]")
 
 
+def test_gate_zero_is_the_first_member_alone(run_eval, members):
+    """gate=0: the first member is always confident enough, so it generates alone, as hf does."""
+    want = run_eval("hf", hf(members["bpe"]), ALL)
+    got = run_eval("rlae", rlae([members["bpe"], members["sp"]], gate=0.0), ["tiny_gen"], batch_size=4)
+    assert_same_samples("tiny_gen", got["tiny_gen"], want["tiny_gen"], "rlae[bpe,sp] gate=0 vs hf[bpe]")
+
+
 @pytest.mark.parametrize("hot", [0, 1])
 def test_one_hot_weights_equal_that_member(run_eval, members, hot):
     kind = ["bpe", "sp"][hot]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import text_strategies
 
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, Scored, mixture_logprob
-from lm_eval_rlae.engine.members import Member, MemberSpec
+from lm_eval_rlae.engine.members import Member, MemberSpec, MemberStream
 from lm_eval_rlae.offline.presets import PRESETS
 from lm_eval_rlae.policies import FixedPolicy, PerplexityPolicy, UniformPolicy, WeightPolicy
 
@@ -269,3 +269,37 @@ def test_perplexity_of_a_head_it_cannot_read_is_refused(bpe_member):
     member.model.config.final_logit_softcapping = 0.5  # read by the check, ignored by Llama's forward
     with pytest.raises(ValueError, match="beyond its output head"):
         FusionEngine([member, member], PerplexityPolicy(2)).loglikelihood([("The quick brown fox", " jumps")])
+
+
+def test_members_the_gate_skipped_catch_up_exactly(members, monkeypatch):
+    """With the confidence gate, the second member skips the steps the first decides alone and later
+    catches up on them in one forward: its cache then reads every token as if fed one by one."""
+    forwards = {member.name: 0 for member in members}
+    for member in members:
+        original = member.forward
+
+        def counted(*args, _original=original, _name=member.name, **kwargs):
+            forwards[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(member, "forward", counted)
+    prompts = ["The quick brown fox", "Numbers: 1 2 3", "Once upon a time"]
+    engine = FusionEngine(members, UniformPolicy(2), gate=0.15)
+    generation = Generation(engine, prompts, Decoding(until=[], max_gen_toks=24))
+    while not generation.done:
+        generation.advance(engine.policy(generation.state()), engine.span_length)
+    lead, other = (forwards[member.name] for member in members)
+    assert 1 < other < lead  # the gate skipped some steps, and the skipped member caught up
+    generation._catch_up()
+    for member, stream in zip(members, generation.streams):
+        fresh = MemberStream(member, len(prompts))
+        fresh.feed(stream.ids)  # every live token of each row at once
+        torch.testing.assert_close(stream.logprobs, fresh.logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_gate_is_checked_before_any_model_loads():
+    from lm_eval_rlae.lm import RLAELM
+
+    for gate in (1.0, -0.1, "high"):
+        with pytest.raises(ValueError, match="probability in \\[0, 1\\)"):
+            RLAELM(members="[no-such-model-anywhere]", gate=gate)

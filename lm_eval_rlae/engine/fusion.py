@@ -5,6 +5,9 @@ Generation, per step, for a batch of B rows and M members:
   -> weights [B, M] from the policy, refreshed once per span
   -> mixture in the union vocabulary [B, U] (one scatter-add per member)
   -> the chosen union token, fed to every member in its own ids.
+With a confidence gate (GaC's), a row whose first member is confident enough takes that member's
+token alone; when every row of the batch does, the other members skip the step and later catch up on
+the ids they missed in one forward.
 
 Scoring: each member scores the continuation in its own tokens; the continuation is cut where all
 members have a token boundary, and the weighted mixture is taken per segment.
@@ -78,9 +81,10 @@ class Scored:
 
 
 class FusionEngine:
-    def __init__(self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234):
+    def __init__(self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234, gate: float | None = None):
         self.members = members
         self.span_length = span_length
+        self.gate = check_gate(gate)
         self.device = members[0].device  # where the members' distributions are fused
         self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -266,6 +270,7 @@ class Generation:
         for member, stream in zip(engine.members, self.streams):
             stream.feed([self._context_ids(member, context) for context in contexts])
         self.rows = [_Row(len(engine.members)) for _ in contexts]
+        self.pending: list[list[list[int]]] = [[[] for _ in contexts] for _ in engine.members]  # M x B ids the gate held back
         self.stops = [stop.encode("utf-8") for stop in decoding.until if stop]
         self.steps = 0  # union tokens decoded so far
         self.spans = 0  # weight decisions taken so far
@@ -278,6 +283,8 @@ class Generation:
         return [utf8.decode(row.pieces) for row in self.rows]
 
     def state(self) -> PolicyState:
+        if self.engine.policy.reads_state:
+            self._catch_up()
         return PolicyState(
             member_logprobs=[stream.logprobs for stream in self.streams],
             member_hidden=[stream.states for stream in self.streams] if self.engine.policy.needs_hidden else None,
@@ -295,12 +302,12 @@ class Generation:
         for _ in range(n_tokens):
             if self.done:
                 return
-            probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], weights)  # [B, U]
-            probs = self._finish_characters(probs, weights)
+            step_weights = self._gated(weights)
+            probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], step_weights)  # [B, U]
+            probs = self._finish_characters(probs, step_weights)
             chosen = self._choose(probs).cpu()  # [B]
             own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
-            proposer = self._proposer(weights, own_ids)
-            feeds: list[list[list[int]]] = [[[] for _ in self.rows] for _ in self.streams]
+            proposer = self._proposer(step_weights, own_ids)
             for r, token in enumerate(chosen.tolist()):
                 row = self.rows[r]
                 if row.done:
@@ -316,12 +323,38 @@ class Generation:
                 if piece and _has_stop(row.text, len(piece), self.stops):
                     row.done = True
                     continue
-                for m, stream in enumerate(self.streams):
-                    feeds[m][r] = self._ids_to_feed(m, r, own_ids[m][r], piece)
+                for m in range(len(self.streams)):
+                    self.pending[m][r] += self._ids_to_feed(m, r, own_ids[m][r], piece)
             self.steps += 1
             if not self.done:  # the members' next distributions are needed only if decoding goes on
-                for stream, feed in zip(self.streams, feeds):
-                    stream.feed(feed)
+                self._catch_up(lead_only=True)  # the first member's next distribution decides the gate
+                if not self._lead_decides_next():
+                    self._catch_up()
+
+    def _gated(self, weights: torch.Tensor) -> torch.Tensor:
+        """[B, M] this step's weights: the first member's alone on rows where it is confident."""
+        if self.engine.gate is None:
+            return weights
+        confident = self.streams[0].logprobs.max(-1).values.exp() > self.engine.gate  # [B]
+        lead = torch.zeros_like(weights)
+        lead[:, 0] = 1
+        return torch.where(confident[:, None].to(weights.device), lead, weights)
+
+    def _lead_decides_next(self) -> bool:
+        """Whether the gate will give every live row to the first member at the next step, so the
+        others need not be run for it."""
+        if self.engine.gate is None:
+            return False
+        live = torch.tensor([not row.done for row in self.rows])
+        top = self.streams[0].logprobs.max(-1).values.exp().cpu()
+        return bool((top[live] > self.engine.gate).all())
+
+    def _catch_up(self, lead_only: bool = False) -> None:
+        """Feed the members the ids they are owed (the first member only, with lead_only)."""
+        for m, stream in enumerate(self.streams[:1] if lead_only else self.streams):
+            if any(self.pending[m]):
+                stream.feed(self.pending[m])
+                self.pending[m] = [[] for _ in self.rows]
 
     def _finish_characters(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Where members of different vocabularies are mixed, keep the text UTF-8: a character one
@@ -375,7 +408,9 @@ class Generation:
             if sync.dirty:
                 canonical = vocab.encode_bytes(sync.text)
                 if canonical != sync.fed:
-                    self.streams[m].take_back(row, len(sync.fed))
+                    held = min(len(sync.fed), len(self.pending[m][row]))  # not fed yet: just dropped
+                    del self.pending[m][row][len(self.pending[m][row]) - held :]
+                    self.streams[m].take_back(row, len(sync.fed) - held)
                     ids += canonical
             sync.fed, sync.text, sync.dirty = [], b"", False
         new = [own] if own >= 0 else vocab.encode_bytes(piece)
@@ -398,6 +433,18 @@ class Generation:
             outside = sorted_probs.cumsum(-1) - sorted_probs > decoding.top_p  # keep the smallest nucleus
             probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0))
         return torch.multinomial(probs, 1, generator=self.engine.generator)[:, 0]
+
+
+def check_gate(gate) -> float | None:
+    if gate is None:
+        return None
+    try:
+        gate = float(gate)
+    except (TypeError, ValueError):
+        gate = float("nan")
+    if not 0 <= gate < 1:
+        raise ValueError(f"gate={gate}: give a probability in [0, 1); the first member decides a token alone when its top probability exceeds it")
+    return gate
 
 
 def _groups(windows: list[tuple[list[int], list[int]]], max_positions: int):

@@ -48,6 +48,7 @@ class WeightPolicy(abc.ABC):
 
     needs_hidden: bool = False
     needs_prompt_perplexity: bool = False
+    reads_state: bool = True  # False: the same weights whatever the state (members skipped by the gate need not catch up for it)
 
     def __init__(self, n_members: int):
         self.n_members = n_members
@@ -73,12 +74,16 @@ class WeightPolicy(abc.ABC):
 class UniformPolicy(WeightPolicy):
     """Every member weighs the same."""
 
+    reads_state = False
+
     def weights(self, state: PolicyState) -> torch.Tensor:
         return torch.ones(state.batch_size, self.n_members)
 
 
 class FixedPolicy(WeightPolicy):
     """The same user-given weights for every row and span."""
+
+    reads_state = False
 
     def __init__(self, weights: list[float]):
         super().__init__(len(weights))
