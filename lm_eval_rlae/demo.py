@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lm_eval_rlae.compare.stats import wilson
 
 MEMBERS = ("smollm2-135m-math", "gemma3-270m-lang")
 ENSEMBLES = {"rlae uniform": "weights=uniform", "rlae RLAE_PPO": "agent=rlae-ppo-specialists"}
@@ -35,16 +36,6 @@ DEFAULT_LIMIT = 20
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion p over n documents."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _run(cmd: list[str], log: Path) -> float:

@@ -38,10 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_eval_rlae.demo import wilson
+from lm_eval_rlae.compare.stats import paired_interval, wilson
 
 AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-specialists"}
-BOOTSTRAP = 2000
 
 
 def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str, tuple[str, typing.Callable]]:
@@ -101,15 +100,6 @@ def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"key": key, "scores": scores[label], "speed": speed[label]}) + "\n")
     return scores, speed
-
-
-def paired_interval(a: dict, b: dict, rng: np.random.Generator) -> tuple[float, float, float]:
-    """Mean over tasks of a - b, with a 95% paired bootstrap interval (documents resampled within tasks)."""
-    diffs = [np.array([a[t][k] - b[t][k] for k in a[t]]) for t in a]
-    point = float(np.mean([d.mean() for d in diffs]))
-    draws = np.mean([d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(1) for d in diffs], axis=0)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return point, float(low), float(high)
 
 
 def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from lm_eval_rlae.demo import compare, wilson
+from lm_eval_rlae.compare.stats import wilson
+from lm_eval_rlae.demo import compare
 from trainer.specialists import SPECIALISTS
 
 PRIMARY_METRICS = ("acc,none", "exact_match,numeric")  # multiple choice; numeric generation
