@@ -111,6 +111,48 @@ def test_table_env_is_the_harness(trained, tmp_path, route_tasks, bpe_member, sp
             assert table[label][task] == harness, (label, task)
 
 
+def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(trained, tmp_path, route_tasks, bpe_member, sp_member, monkeypatch):
+    """rlae-compare: members alone (hf), uniform, perplexity, best fixed and both agents through the
+    harness's command line, the upper bounds, paired differences, cost and plots; run again, it runs
+    only what is missing."""
+    from lm_eval_rlae.compare.command import CompareConfig, Runs, compare
+
+    config = CompareConfig(
+        members=[bpe_member, sp_member], tasks=["route_mc", "route_gen"], limit=24, include_path=route_tasks, best_fixed=[0.3, 0.7],
+        agents={"RLAE_PPO": str(trained["ppo"] / "best"), "RLAE_MAPPO": str(trained["mappo"] / "best")}, device="cpu", output=str(tmp_path / "compare"),
+    )
+    out = compare(config)
+    summary = json.loads((out / "table.json").read_text())
+    labels = [f"{Path(bpe_member).name} alone", f"{Path(sp_member).name} alone", "uniform", "perplexity", "best fixed", "RLAE_PPO", "RLAE_MAPPO", "oracle routing", "per-document oracle"]
+    assert list(summary["overall"]) == labels
+    assert all(summary["tasks"][t][label]["n"] == 24 for t in config.tasks for label in labels)
+    overall = {label: summary["overall"][label]["acc"] for label in labels}
+    assert overall["per-document oracle"] >= overall["oracle routing"] >= max(overall[labels[0]], overall[labels[1]])
+    for agent in ("RLAE_PPO", "RLAE_MAPPO"):  # the agents learned these tasks (test_agent_beats_uniform_on_held_out_documents)
+        diff, low, _ = summary["paired"][agent]["uniform"]
+        assert diff > 0.1 and low > 0, (agent, summary["paired"][agent])
+    for label in labels[:7]:
+        cost = summary["cost"][label]
+        assert cost["generate_until"]["requests"] == 24 and cost["generated_tokens"] > 0 and cost["peak_rss_gib"] > 0.1
+        assert cost["loglikelihood"]["requests"] > 24  # every choice of every document
+    for name in ("table.md", "accuracy.png", "weights_RLAE_PPO.png", "weights_RLAE_MAPPO.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "vs best single member" in (out / "table.md").read_text()
+
+    ran, original_run = [], Runs.run
+
+    def counted(self, label, model, args, tasks, progress):
+        ran.append((label, tasks))
+        return original_run(self, label, model, args, tasks, progress)
+
+    monkeypatch.setattr(Runs, "run", counted)
+    compare(config)
+    assert ran == []  # everything reused
+    (out / "runs" / "perplexity" / "route_gen.json").unlink()
+    compare(config)
+    assert ran == [("perplexity", ["route_gen"])]
+
+
 def test_mappo_actors_see_only_their_member(trained):
     _, actor = load_agent(str(trained["mappo"] / "best"))
     obs = torch.randn(4, actor.encoders[0].slices["shared"].stop)

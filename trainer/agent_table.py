@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_eval_rlae.compare.report import accuracy_plot
 from lm_eval_rlae.compare.stats import paired_interval, wilson
 
 AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-specialists"}
@@ -145,42 +146,6 @@ def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(summary["tasks"])
-    labels = list(summary["overall"])
-    fig, (ax, ax_mean) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [5, 1]})
-    width = 0.8 / len(labels)
-    for k, label in enumerate(labels):
-        accs = np.array([summary["tasks"][t][label]["acc"] for t in tasks])
-        cis = np.array([summary["tasks"][t][label]["ci95"] for t in tasks])
-        x = np.arange(len(tasks)) + k * width
-        ax.bar(x, 100 * accs, width, label=label)
-        ax.errorbar(x, 100 * accs, yerr=100 * np.abs(cis.T - accs), fmt="none", ecolor="black", elinewidth=0.6, capsize=1.5)
-        o = summary["overall"][label]
-        ax_mean.bar(k, 100 * o["acc"], 0.8, color=f"C{k}")
-        ax_mean.errorbar(k, 100 * o["acc"], yerr=[[100 * (o["acc"] - o["ci95"][0])], [100 * (o["ci95"][1] - o["acc"])]], fmt="none", ecolor="black", capsize=3)
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
-    ax.set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=55, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy on the test split (%), 95% interval")
-    ax.set_title(f"{' + '.join(summary['members'])}: members alone, fixed weightings, learned agents, oracle routing")
-    top = max(summary["tasks"][t][label]["ci95"][1] for t in tasks for label in labels)
-    ax.set_ylim(0, 100 * top + 12)  # room for the legend above the tallest interval
-    ax.legend(fontsize=8, ncol=len(labels), loc="upper left")
-    ax_mean.set_xticks(range(len(labels)))
-    ax_mean.set_xticklabels(labels, rotation=55, ha="right", fontsize=8)
-    ax_mean.set_title(f"mean of {len(tasks)} tasks")
-    lows = [o["ci95"][0] for o in summary["overall"].values()]
-    ax_mean.set_ylim(max(0, 100 * min(lows) - 5), None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     from trainer.train import Run, load_config
 
@@ -215,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text(markdown)
     (args.output / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(summary, args.output / "table.png")
+    accuracy_plot(summary, args.output / "table.png", f"{' + '.join(summary['members'])}: members alone, fixed weightings, learned agents, oracle routing (test split)")
     print(markdown)
     print(f"written: {args.output / 'table.md'}, table.json, table.png")
     return 0

@@ -1,0 +1,246 @@
+"""`rlae-compare`: every baseline of the field beside the learned agents, on the same documents,
+through the harness: accuracy, paired differences and cost, as tables and plots.
+
+    rlae-compare --config lm_eval_rlae/compare/configs/specialists.yaml [--limit 100] [--tasks a,b,...]
+                 [--output results/compare/specialists]     # any config field is a flag
+
+Methods, each a run of the harness's own command line with `--log_samples` (so every number comes
+from the harness's metrics and samples):
+  <member> alone   --model hf, the harness's own single-model baseline
+  uniform          --model rlae weights=uniform (GaC)
+  perplexity       --model rlae weights=perplexity (PackLLM-sim)
+  best fixed       --model rlae weights=[...]: `rlae-best-fixed`'s search on the validation split
+  <agent>          --model rlae agent=... (RLAE_PPO, RLAE_MAPPO)
+and two upper bounds read off the members alone: oracle routing (each task sent to the member better
+on it) and the per-document oracle (right where any member is right).
+
+Every finished (method, task) is kept under `output/runs/`, keyed by the members, the method's model
+arguments, the task, the split and the limit: a killed comparison started again, or one with a new
+method or task, runs only what is missing. `report` turns the runs into table.md, table.json and the
+plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """One comparison. YAML keys and command-line flags have these names."""
+
+    members: list[str]  # as in --model_args members=[...]
+    tasks: list[str]  # harness task names
+    limit: int = 100  # documents per task: the first N of the split (as lm_eval --limit)
+    split: str = "test"  # test | validation | train (offline tasks)
+    include_path: str | None = None  # more task YAMLs (default: the offline task configs)
+    best_fixed: str | list[float] | None = None  # rlae-best-fixed's best_fixed.json, or the weights themselves
+    agents: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> shipped agent or directory
+    perplexity_temperature: float = 1.0
+    batch_size: int = 16
+    device: str | None = None
+    output: str | None = None  # default: results/compare/<config name>
+
+    def best_fixed_weights(self) -> list[float] | None:
+        if self.best_fixed is None or isinstance(self.best_fixed, list):
+            return self.best_fixed
+        path = Path(self.best_fixed)
+        if not path.is_file():
+            raise SystemExit(f"best_fixed: no {path}; run rlae-best-fixed (it searches the validation split) or give the weights, e.g. --best_fixed '[0.5, 0.5]'")
+        return json.loads(path.read_text())["best"]["weights"]
+
+
+def methods(config: CompareConfig) -> dict[str, tuple[str, str]]:
+    """label -> (harness model, its model arguments)."""
+    from lm_eval_rlae.compare.report import short_names
+    from lm_eval_rlae.offline.presets import hf_model_args
+
+    members = f"members=[{','.join(config.members)}]"
+    out = {f"{short} alone": ("hf", hf_model_args(name)) for short, name in zip(short_names(config.members), config.members)}
+    out["uniform"] = ("rlae", f"{members},weights=uniform")
+    out["perplexity"] = ("rlae", f"{members},weights=perplexity,perplexity_temperature={config.perplexity_temperature:g}")
+    if (fixed := config.best_fixed_weights()) is not None:
+        out["best fixed"] = ("rlae", f"{members},weights=[{','.join(f'{w:g}' for w in fixed)}]")
+    for label, agent in config.agents.items():
+        out[label] = ("rlae", f"{members},agent={agent}")
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Runs:
+    """The finished (method, task) runs under `root`, each a JSON with its key, per-document scores
+    and the contexts of each document's requests; cost and weight decisions per method."""
+
+    def __init__(self, root: Path, config: CompareConfig):
+        self.root, self.config = root, config
+
+    def key(self, model: str, model_args: str, task: str) -> dict:
+        c = self.config
+        return {"members": c.members, "model": model, "model_args": model_args, "task": task, "split": c.split, "limit": c.limit}
+
+    def path(self, label: str, task: str) -> Path:
+        return self.root / _slug(label) / f"{task}.json"
+
+    def load(self, label: str, task: str, key: dict) -> dict | None:
+        path = self.path(label, task)
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        return saved if saved and saved["key"] == key else None
+
+    def run(self, label: str, model: str, model_args: str, tasks: list[str], progress: typing.Callable[[str], None]) -> None:
+        """One harness run of `tasks` under one method; its samples become per-task run files."""
+        from lm_eval_rlae.offline.data import task_configs
+        from lm_eval_rlae.offline.presets import resolve_preset
+
+        c = self.config
+        method_dir = self.root / _slug(label)
+        harness_out = method_dir / f"harness-{time.strftime('%Y%m%d-%H%M%S')}"
+        harness_out.mkdir(parents=True, exist_ok=True)
+        include = c.include_path or str(task_configs(c.split, self.root))
+        count_with = resolve_preset(c.members[0]) or c.members[0]  # generated tokens in the first member's tokens
+        cmd = [sys.executable, "-m", "lm_eval_rlae.compare.worker", str(harness_out / "cost.json"), str(count_with),
+               "run", "--model", model, "--model_args", model_args, "--tasks", ",".join(tasks), "--include_path", include,
+               "--limit", str(c.limit), "--batch_size", str(c.batch_size), "--log_samples", "--output_path", str(harness_out)]
+        if c.device:
+            cmd += ["--device", c.device]
+        log = harness_out / "harness.log"
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+            while True:  # wait4, not wait: it also gives the run's peak resident memory
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                time.sleep(5)
+                progress(_last_progress(log))
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{label}: the harness run failed; its output is in {log}")
+        cost = json.loads((harness_out / "cost.json").read_text())
+        cost |= {"seconds": time.perf_counter() - start, "peak_rss_gib": usage.ru_maxrss / 2**20, "tasks": tasks}
+        samples = _samples(harness_out)
+        for task in tasks:
+            if task not in samples:
+                raise SystemExit(f"{label}: the harness wrote no samples of {task}; see {log}")
+            path = self.path(label, task)
+            path.write_text(json.dumps({"key": self.key(model, model_args, task), "run": harness_out.name, **samples[task]}) + "\n")
+        (harness_out / "cost.json").write_text(json.dumps(cost) + "\n")
+
+
+def _samples(harness_out: Path) -> dict[str, dict]:
+    """{task: {"metric", "scores": {doc_id: value}, "contexts": {doc_id: [context key]}}} from the
+    logged samples, with each task's first metric under its first filter."""
+    from lm_eval_rlae.compare.worker import context_key
+
+    out: dict[str, dict] = {}
+    for path in sorted(harness_out.rglob("samples_*.jsonl")):
+        task = re.sub(r"^samples_(.+)_\d{4}-\d\d-\d\dT.*$", r"\1", path.stem)
+        for line in path.read_text().splitlines():
+            sample = json.loads(line)
+            entry = out.setdefault(task, {"metric": sample["metrics"][0], "filter": sample["filter"], "scores": {}, "contexts": {}})
+            if sample["filter"] != entry["filter"]:
+                continue
+            doc = str(sample["doc_id"])
+            entry["scores"][doc] = float(sample[entry["metric"]])
+            entry["contexts"][doc] = sorted({context_key(args["arg_0"]) for args in sample["arguments"].values()})
+    return out
+
+
+def _last_progress(log: Path) -> str:
+    """The harness's latest progress bar (or line), for a person following a long run."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4000))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    pieces = [p.strip() for p in re.split(r"[\r\n]", tail) if p.strip()]
+    bars = [p for p in pieces if re.search(r"\d+%\|", p)]
+    return (bars or pieces or [""])[-1][:120]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def compare(config: CompareConfig) -> Path:
+    """Run what is missing, then write the report. Returns the output directory."""
+    from lm_eval_rlae.compare.report import report
+
+    output = Path(config.output)
+    runs = Runs(output / "runs", config)
+    plan = {label: spec for label, spec in methods(config).items()}
+    todo = {label: [t for t in config.tasks if runs.load(label, t, runs.key(*spec, t)) is None] for label, spec in plan.items()}
+    pending = [label for label in plan if todo[label]]
+    print(f"rlae-compare: {len(plan)} methods x {len(config.tasks)} tasks, {config.limit} {config.split} documents each; "
+          f"{len(plan) - len(pending)} methods already done, {len(pending)} to run", flush=True)
+    took: list[float] = []
+    for k, label in enumerate(pending, 1):
+        start = time.perf_counter()
+        left = f", about {sum(took) / len(took) * (len(pending) - k + 1) / 60:.0f} min left" if took else ""
+        print(f"[{k}/{len(pending)}] {label}: {len(todo[label])} tasks{left}", flush=True)
+        last = [0.0]
+
+        def progress(line: str, label=label, start=start, last=last) -> None:
+            if time.perf_counter() - last[0] >= 30 and line:
+                last[0] = time.perf_counter()
+                print(f"    {label}, {time.perf_counter() - start:.0f} s: {line}", flush=True)
+
+        runs.run(label, *plan[label], todo[label], progress)
+        took.append(time.perf_counter() - start)
+        print(f"    {label}: done in {took[-1]:.0f} s", flush=True)
+    report(config, runs, list(plan), output)
+    return output
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def load_config(path: Path | None, overrides: dict) -> CompareConfig:
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(CompareConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise SystemExit(f"unknown config keys {unknown}; known: {', '.join(sorted(fields))}")
+    missing = [name for name in ("members", "tasks") if not values.get(name)]
+    if missing:
+        raise SystemExit(f"no {' and '.join(missing)}: give them in --config or as flags")
+    if isinstance(values["tasks"], str):
+        values["tasks"] = [t for t in values["tasks"].split(",") if t]
+    config = CompareConfig(**values)
+    if config.output is None:
+        config.output = str(Path("results") / "compare" / (Path(path).stem if path else "rlae"))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlae-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIGS / "specialists.yaml", help="a YAML of CompareConfig fields (default %(default)s)")
+    hints = typing.get_type_hints(CompareConfig)
+    for field in dataclasses.fields(CompareConfig):
+        kind = hints[field.name]
+        parse = int if kind is int else float if kind is float else str if kind in (str, str | None) else yaml.safe_load
+        parser.add_argument(f"--{field.name}", type=parse, default=None, help=f"(config field {field.name})")
+    args = vars(parser.parse_args(argv))
+    config = load_config(args.pop("config"), args)
+    output = compare(config)
+    print(f"written: {output / 'table.md'}, table.json and the plots in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
