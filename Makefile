@@ -73,3 +73,12 @@ best-fixed: setup models data
 
 agent-table: setup models data
 	$(OFFLINE) $(VENV)/bin/rlae-agent-table
+
+# --- rlae-compare (issue 11) -------------------------------------------------------------------
+# Every method through the harness on the same test documents (README, "Comparing with the field");
+# finished (method, task) runs are reused, so an interrupted comparison continues where it stopped.
+# LIMIT=N documents per task (default: the config's 100).
+.PHONY: compare
+compare: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-compare --config lm_eval_rlae/compare/configs/specialists.yaml $(if $(LIMIT),--limit $(LIMIT))
+	$(OFFLINE) $(VENV)/bin/rlae-compare --config lm_eval_rlae/compare/configs/plain.yaml $(if $(LIMIT),--limit $(LIMIT))
