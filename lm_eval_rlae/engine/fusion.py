@@ -436,15 +436,16 @@ class Generation:
 
 
 def check_gate(gate) -> float | None:
+    """The confidence gate as a probability in [0, 1), or None (off)."""
     if gate is None:
         return None
     try:
-        gate = float(gate)
+        value = float(gate)
     except (TypeError, ValueError):
-        gate = float("nan")
-    if not 0 <= gate < 1:
-        raise ValueError(f"gate={gate}: give a probability in [0, 1); the first member decides a token alone when its top probability exceeds it")
-    return gate
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise ValueError(f"gate={gate!r}: give a probability in [0, 1); the first member decides a token alone when its top probability exceeds it")
+    return value
 
 
 def _groups(windows: list[tuple[list[int], list[int]]], max_positions: int):
