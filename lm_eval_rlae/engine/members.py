@@ -272,7 +272,6 @@ class MemberStream:
         self.next_pos += lengths
 
 
-
 def next_token_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """[B, W] the id each position of right-justified rows ([B, W], row r's last lengths[r] slots)
     predicts: the next id of the row, -1 at its last id and in its padding."""
