@@ -2,12 +2,13 @@
 `HFLM`, the very objects the ensemble holds) and through `rlae`, in one process, with ratios.
 
     python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 8]
-        [--prompts 16] [--max-gen-toks 32] [--device cpu] [--gate 0.9]
+        [--prompts 16] [--max-gen-toks 32] [--device cpu] [--gate 0.9] [--agent rlae-ppo-specialists]
 
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
 With `--gate`, the ensemble also runs with that confidence gate (generation only: the other members
-skip the steps the first decides alone).
+skip the steps the first decides alone); with `--agent`, with that agent setting the weights, its own
+time (state features, network) counted in.
 Peak GPU memory is reported per run on CUDA.
 """
 
@@ -62,10 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-gen-toks", type=int, default=32)
     parser.add_argument("--device", default=None)
     parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
+    parser.add_argument("--agent", default=None, help="also run the ensemble with this agent (shipped name or directory)")
     args = parser.parse_args(argv)
 
     from lm_eval_rlae.engine.fusion import check_gate
     from lm_eval_rlae.lm import RLAELM
+    from lm_eval_rlae.policies.agent import AgentPolicy
 
     ensemble = RLAELM(members=f"[{args.members}]", device=args.device, batch_size=args.batch_size)
     generate, score = _requests(args.prompts, args.max_gen_toks)
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.gate is not None:
         ensemble.engine.gate = check_gate(args.gate)
         runs[f"rlae uniform, gate={args.gate:g}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
+        ensemble.engine.gate = None
+    if args.agent is not None:
+        ensemble.engine.use(AgentPolicy.load(args.agent, [member.name for member in ensemble.members]))
+        runs[f"rlae agent={args.agent}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
 
     print(f"\n{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy) and {len(score)} loglikelihood requests, "
           f"batch {args.batch_size}, device {device}")

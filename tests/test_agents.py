@@ -153,6 +153,18 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
     assert ran == [("perplexity", ["route_gen"])]
 
 
+def test_benchmark_times_the_agent_beside_the_members(trained, bpe_member, sp_member, capsys):
+    import re
+
+    from lm_eval_rlae.benchmark import main
+
+    agent = str(trained["ppo"] / "best")
+    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--device", "cpu", "--agent", agent])
+    out = capsys.readouterr().out
+    assert re.search(rf"^\| rlae agent={re.escape(agent)} \| [\d.]+ \| [\d.]+ \| n/a \|$", out, flags=re.M)
+    assert re.search(rf"rlae agent={re.escape(agent)} / members: generate_until \d+\.\d\d", out)
+
+
 def test_mappo_actors_see_only_their_member(trained):
     _, actor = load_agent(str(trained["mappo"] / "best"))
     obs = torch.randn(4, actor.encoders[0].slices["shared"].stop)
