@@ -55,9 +55,10 @@ integration: setup models data
 
 # --- learned agents (issue 10) ------------------------------------------------------------------
 # The shipped agents are committed in lm_eval_rlae/agents/; this retrains them from scratch on the
-# train splits of the specialists' 16 tasks (about an hour each on 2 CPU cores, scoring the
-# multiple-choice documents once included; rerun after an interruption and each resumes from its
-# last epoch), then the best fixed weights on validation and the comparison on the test splits.
+# train splits of the specialists' 16 tasks (measured: about 75 minutes each, two side by side on 2 CPU
+# cores, after scoring the multiple-choice documents once, about 35 minutes; rerun after an
+# interruption and each resumes from its last epoch), then the best fixed weights on validation and
+# the comparison on the test splits.
 .PHONY: agents best-fixed agent-table
 agents: setup models data
 	$(OFFLINE) $(VENV)/bin/rlae-train --config trainer/configs/specialists.yaml --algorithm ppo
