@@ -238,6 +238,7 @@ class _RecordingPerplexity(PerplexityPolicy):
         return weights
 
 
+@torch.no_grad()
 def _logppl(member, text: str) -> float:
     """Mean -log p of the member's tokens of `text` after the first, from one plain forward over them."""
     ids = torch.tensor([member.lm.tok_encode(text)])
