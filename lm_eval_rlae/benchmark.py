@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval_rlae.policies.agent import AgentPolicy
 
     ensemble = RLAELM(members=f"[{args.members}]", device=args.device, batch_size=args.batch_size)
+    agent = None if args.agent is None else AgentPolicy.load(args.agent, [member.name for member in ensemble.members])  # refused before any run
     generate, score = _requests(args.prompts, args.max_gen_toks)
     device = ensemble.engine.device
     runs = {}
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         runs[f"rlae uniform, gate={args.gate:g}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
         ensemble.engine.gate = None
     if args.agent is not None:
-        ensemble.engine.use(AgentPolicy.load(args.agent, [member.name for member in ensemble.members]))
+        ensemble.engine.use(agent)
         runs[f"rlae agent={args.agent}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
 
     print(f"\n{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy) and {len(score)} loglikelihood requests, "
