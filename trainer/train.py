@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
+from lm_eval_rlae import dataclass_config
 from lm_eval_rlae.offline.data import TASK_CONFIGS
 from lm_eval_rlae.policies.agent import AgentPolicy, AgentSpec, NetworkConfig, save_agent
 from lm_eval_rlae.policies.state import TEXT_ENCODER, make_state_features
@@ -389,39 +389,17 @@ def _ppo_diagnostics(algorithm, before: dict, eps_clip: float) -> dict[str, floa
 
 
 def load_config(path: Path | None, overrides: dict) -> TrainConfig:
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
-    values |= {k: v for k, v in overrides.items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise SystemExit(f"unknown config keys {unknown}; known: {', '.join(sorted(fields))}")
-    missing = [name for name in ("members", "tasks") if not values.get(name)]
-    if missing:
-        raise SystemExit(f"no {' and '.join(missing)}: give them in --config or as flags")
-    config = TrainConfig(**values)
+    config = dataclass_config.load(TrainConfig, path, overrides, required=("members", "tasks"))
     if config.out is None:
         config.out = str(Path("runs") / f"{Path(path).stem if path else 'rlae'}-{config.algorithm}")
     return config
-
-
-def _flag_type(field: dataclasses.Field):
-    """YAML for lists and dicts (`--tasks '{a: 1, b: 2}'`), the field's own type otherwise."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    base = typing.get_origin(hint) or hint
-    if base in (list, dict) or typing.get_origin(hint) is typing.Union and any(typing.get_origin(a) in (list, dict) for a in typing.get_args(hint)):
-        return yaml.safe_load
-    for candidate in (int, float, str):
-        if hint is candidate or candidate in typing.get_args(hint):
-            return candidate
-    return str
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlae-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="a YAML of TrainConfig fields (trainer/configs/)")
     parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name}", type=_flag_type(field), default=None, help=f"(config field {field.name})")
+    dataclass_config.add_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     path, restart = args.pop("config"), args.pop("restart")
     config = load_config(path, args)

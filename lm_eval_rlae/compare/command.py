@@ -33,7 +33,7 @@ import time
 import typing
 from pathlib import Path
 
-import yaml
+from lm_eval_rlae import dataclass_config
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -210,18 +210,9 @@ def compare(config: CompareConfig) -> Path:
 
 
 def load_config(path: Path | None, overrides: dict) -> CompareConfig:
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
-    values |= {k: v for k, v in overrides.items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(CompareConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise SystemExit(f"unknown config keys {unknown}; known: {', '.join(sorted(fields))}")
-    missing = [name for name in ("members", "tasks") if not values.get(name)]
-    if missing:
-        raise SystemExit(f"no {' and '.join(missing)}: give them in --config or as flags")
-    if isinstance(values["tasks"], str):
-        values["tasks"] = [t for t in values["tasks"].split(",") if t]
-    config = CompareConfig(**values)
+    config = dataclass_config.load(CompareConfig, path, overrides, required=("members", "tasks"))
+    if isinstance(config.tasks, str):  # --tasks a,b
+        config.tasks = [t for t in config.tasks.split(",") if t]
     if config.output is None:
         config.output = str(Path("results") / "compare" / (Path(path).stem if path else "rlae"))
     return config
@@ -230,11 +221,7 @@ def load_config(path: Path | None, overrides: dict) -> CompareConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlae-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIGS / "specialists.yaml", help="a YAML of CompareConfig fields (default %(default)s)")
-    hints = typing.get_type_hints(CompareConfig)
-    for field in dataclasses.fields(CompareConfig):
-        kind = hints[field.name]
-        parse = int if kind is int else float if kind is float else str if kind in (str, str | None) else yaml.safe_load
-        parser.add_argument(f"--{field.name}", type=parse, default=None, help=f"(config field {field.name})")
+    dataclass_config.add_flags(parser, CompareConfig)
     args = vars(parser.parse_args(argv))
     config = load_config(args.pop("config"), args)
     output = compare(config)
