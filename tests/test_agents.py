@@ -269,6 +269,81 @@ def test_another_config_in_the_same_directory_is_refused(tmp_path, bpe_member, s
         train(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", updates_per_epoch=1, epochs=1, val_docs=4, lr=0.5))
 
 
+# ----------------------------------------------------------------------------- distributed rollouts (Ray)
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster of this machine's cores, shut down after the test."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def _kill(ray, worker) -> int:
+    pid = ray.get(worker.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killed_rollout_worker_ends_its_episodes_truncated_and_is_replaced(ray_cluster, tmp_path, bpe_member, sp_member, route_tasks):
+    from trainer.rollouts import RayEnv
+    from trainer.train import Run
+
+    config = _config(bpe_member, sp_member, route_tasks, tmp_path / "run", rows=3, mc_rows=4, val_docs=4, rollout_workers=2)
+    learner = Run(config, splits=("train",))
+    env = RayEnv(config, learner.env.action_space, learner.env.observation_space)
+    assert env.worker_of == [0, 0, 0, 0, 1, 1, 1] and env.local == [0, 1, 2, 3, 0, 1, 2]  # rows: 2 + 2 | 1 + 2
+    obs, info = env.reset()
+    assert obs.shape == (7, learner.features.layout.size) and [i["task"] for i in info] == ["route_gen"] * 2 + ["route_mc"] * 2 + ["route_gen"] + ["route_mc"] * 2
+    generation = [0, 1, 4]  # one step of a generation document does not end it
+    obs, _, terminated, truncated, _ = env.step(np.ones((3, 2)), generation)
+    before = obs[2].copy()
+    old_pid = _kill(ray_cluster, env.workers[1])
+    obs, reward, terminated, truncated, _ = env.step(np.ones((3, 2)), generation)
+    assert truncated.tolist() == [False, False, True] and reward[2] == 0 and not terminated[2]
+    np.testing.assert_array_equal(obs[2], before)  # cut at its last observation
+    assert env.lost == {4, 5, 6} and env.restarts == [0, 1]
+    obs, info = env.reset([4, 5, 6])  # the Collector resets the cut rows: on the restarted worker
+    assert ray_cluster.get(env.workers[1].pid.remote()) != old_pid and env.lost == set()
+    _, _, terminated, truncated, _ = env.step(np.ones((3, 2)), [4, 5, 6])
+    assert not truncated.any() and terminated[1:].all()  # its multiple-choice rows end in one step, as ever
+    env.close()
+
+
+def test_ray_rollouts_learn_as_one_process_does_through_a_killed_worker(ray_cluster, trained, tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
+    """Two Ray workers collect the same number of episodes per update as one process; one of them is
+    killed in the middle of the second epoch's collection. The run goes on with the learner's state,
+    and its validation curve has the shape of the one-process run's."""
+    from trainer import rollouts
+
+    steps, kills, original = [], [], rollouts.RayEnv.step
+
+    def step(self, action, env_id=None):
+        steps.append(1)
+        if len(steps) == 8 * 4 + 2:  # epoch 2's first collection (8 updates x 4 steps per epoch)
+            kills.append(_kill(ray_cluster, self.workers[1]))
+        return original(self, action, env_id)
+
+    monkeypatch.setattr(rollouts.RayEnv, "step", step)
+    out = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "ray", rollout_workers=2))
+    assert len(kills) == 1
+    ray_curve = json.loads((out / "validation.json").read_text())
+    one_curve = json.loads((trained["ppo"] / "validation.json").read_text())
+    uniform = one_curve["baselines"]["uniform"]["mean"]
+    assert ray_curve["baselines"]["uniform"]["mean"] == uniform
+    assert [e["env_steps"] for e in ray_curve["epochs"]] == [e["env_steps"] for e in one_curve["epochs"]]
+    for curve in (ray_curve, one_curve):  # both rise well above uniform and end close together
+        assert curve["epochs"][-1]["validation"]["mean"] >= uniform + 0.2, curve
+    assert abs(ray_curve["epochs"][-1]["validation"]["mean"] - one_curve["epochs"][-1]["validation"]["mean"]) <= 0.2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    restarts = [e.value for e in EventAccumulator(str(out / "tb")).Reload().Scalars("rollouts/worker_restarts")]
+    assert restarts[0] == 0 and restarts[-1] == 1
+
+
 # ----------------------------------------------------------------------------- checkpoints that do not fit
 
 

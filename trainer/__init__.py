@@ -3,9 +3,11 @@
 - `specialists`: the specialist LoRA adapters (`rlae-build-specialists`), members whose strengths
   differ, trained on the train splits of disjoint skill sets; `specialist_table` compares them on
   the test splits (`rlae-specialist-table`).
-- The RL environment (one document per episode, one span per step), the PPO / MAPPO agents trained
-  with Tianshou, task-metric rewards and `rlae-train` come with the learned-agents issue;
-  `lm_eval_rlae.engine.fusion.Generation` is the decoding seam they drive.
+- The learned agents: harness tasks as episodes with their own metrics as rewards (`tasks`), the
+  multiple-choice score cache (`scores`), the batched env over `lm_eval_rlae.engine.fusion.Generation`
+  (`env`), PPO / MAPPO on Tianshou (`algorithms`), `rlae-train` (`train`, its checkpoints in
+  `checkpoint`), the env's rows on Ray workers (`rollouts`), the best fixed weights (`fixed_weights`)
+  and the test-split table (`agent_table`).
 
 It imports the runtime (`lm_eval_rlae`); the runtime never imports it.
 """

@@ -100,7 +100,7 @@ class EnsembleEnv:
 
     def reset(self, env_id=None, documents: list[Document] | None = None, **_):
         """Start episodes in rows `env_id` (all rows by default): the given documents, else the rows' samplers'."""
-        ids = _ids(env_id, self.n_rows)
+        ids = row_ids(env_id, self.n_rows)
         if documents is None:
             documents = [self.tasks[name].documents[index] for name, index in (self.samplers[row]() for row in ids)]
         obs = np.zeros((len(ids), self.features.layout.size), dtype=np.float32)
@@ -120,7 +120,7 @@ class EnsembleEnv:
         return obs, np.array([self._info(ids[i]) for i in range(len(ids))])
 
     def step(self, action, env_id=None):
-        ids = _ids(env_id, self.n_rows)
+        ids = row_ids(env_id, self.n_rows)
         weights = torch.tensor(np.array(action, dtype=np.float32)).clamp_min(0).reshape(len(ids), self.n_members)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         obs = np.zeros((len(ids), self.features.layout.size), dtype=np.float32)
@@ -160,7 +160,8 @@ class EnsembleEnv:
         return {"task": episode.document.task.name, "span": episode.span}
 
 
-def _ids(env_id, n_rows: int) -> list[int]:
+def row_ids(env_id, n_rows: int) -> list[int]:
+    """The rows a Collector's `env_id` names (None: all), as a list."""
     if env_id is None:
         return list(range(n_rows))
     return np.atleast_1d(np.asarray(env_id)).astype(int).tolist()

@@ -16,6 +16,9 @@ The loop, top to bottom:
       write `last/` (and `best/` when validation improved): agents `--model_args agent=DIR` loads
       write the training checkpoint (networks, optimizer, counters, every RNG, the env's samplers)
 
+With `rollout_workers: N` the env's rows are stepped on N Ray workers, each with its own members
+(`trainer.rollouts`); the learner, its updates and validation stay in this process.
+
 Run the same command again after a kill and it resumes from the last checkpoint; as episodes restart
 at epoch boundaries and every RNG is restored, the resumed run is the run that was not killed.
 Outputs in `out` (default `runs/<config name>-<algorithm>`): config.json, tb/ (TensorBoard),
@@ -86,6 +89,9 @@ class TrainConfig:
     eval_rows: int = 64  # documents decoded together when validating
     seed: int = 1234
     device: str | None = None  # members' device (default: the GPU if there is one)
+    rollout_workers: int = 0  # Ray workers collecting the training episodes, each with its own members
+    # and a share of the rows (trainer.rollouts); 0: collect in this process
+    ray_address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start a local one
     cache: str | None = None  # scores of multiple-choice documents (default: $RLAE_CACHE/agents/scores)
     out: str | None = None  # default: runs/<config name>-<algorithm>
 
@@ -95,7 +101,7 @@ class TrainConfig:
     def resumable_from(self, other: dict) -> bool:
         """A checkpoint continues this run when everything agrees but where it writes and how many
         epochs it runs (a run can be extended)."""
-        free = ("out", "epochs", "test_docs")
+        free = ("out", "epochs", "test_docs", "ray_address")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free} == {k: v for k, v in other.items() if k not in free}
 
 
@@ -156,6 +162,13 @@ class Run:
     def evaluate(self, split: str, act: typing.Callable, speed: dict | None = None) -> dict[str, list[float]]:
         """{task: per-document rewards} of `split` with weights from `act` (and env steps/s in `speed`)."""
         return evaluate(self.eval_envs[split], self.tasks[split], act, speed)
+
+    def sampler_state(self) -> dict:
+        return {name: sampler.state_dict() for name, sampler in self.samplers.items()}
+
+    def load_sampler_state(self, state: dict) -> None:
+        for name, sampler in self.samplers.items():
+            sampler.load_state_dict(state[name])
 
 
 def _row_samplers(tasks: dict, ratios: dict[str, float], rows: int, mc_rows: int, seed: int):
@@ -252,6 +265,11 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
 
     run = Run(config)
     c = config
+    env, samplers = run.env, run  # where training episodes are stepped, and who holds their samplers
+    if c.rollout_workers:
+        from trainer.rollouts import RayEnv
+
+        env = samplers = RayEnv(c, run.env.action_space, run.env.observation_space)
     algorithm = build(c.algorithm, run.agent.actor, run.features.layout, c.network(), c)
     policy = algorithm.policy
     writer = SummaryWriter(str(out / "tb"))
@@ -263,17 +281,16 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         epoch, env_steps, best = 0, 0, -np.inf
     else:
         algorithm.load_state_dict(saved["algorithm"])
-        for name, sampler in run.samplers.items():
-            sampler.load_state_dict(saved["samplers"][name])
+        samplers.load_sampler_state(saved["samplers"])
         torch.set_rng_state(saved["torch_rng"])
         np.random.set_state(saved["numpy_rng"])
         random.setstate(saved["python_rng"])
         history, epoch, env_steps, best = saved["history"], saved["epoch"], saved["env_steps"], saved["best"]
         logger.info("resumed from %s/checkpoint after epoch %d", out, epoch)
 
-    rows = len(run.env)
+    rows = len(env)
     buffer = VectorReplayBuffer(rows * c.steps_per_collect, rows)
-    collector = Collector(policy, run.env, buffer)
+    collector = Collector(policy, env, buffer)
     total = c.epochs * c.updates_per_epoch
     bar = tqdm(total=total, initial=epoch * c.updates_per_epoch, desc=f"rlae-train {c.algorithm}", unit="update")
     while epoch < c.epochs:
@@ -300,6 +317,8 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
                 "speed/update_s": time.perf_counter() - start - collect_seconds,
                 **rollout,
             }
+            if c.rollout_workers:
+                scalars["rollouts/worker_restarts"] = sum(env.restarts)
             for key, value in scalars.items():
                 writer.add_scalar(key, value, env_steps)
             bar.set_postfix(ret=f"{rollout.get('train/return', float('nan')):.3f}", kl=f"{after['train/approx_kl']:.4f}", sps=f"{scalars['speed/env_steps_per_s']:.1f}")
@@ -329,7 +348,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             {
                 "config": dataclasses.asdict(config),
                 "algorithm": algorithm.state_dict(),
-                "samplers": {name: sampler.state_dict() for name, sampler in run.samplers.items()},
+                "samplers": samplers.sampler_state(),
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(),
                 "python_rng": random.getstate(),
@@ -341,6 +360,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         )
     bar.close()
     writer.close()
+    env.close()
     return out
 
 
