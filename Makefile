@@ -80,6 +80,10 @@ agent-table: setup models data
 # finished (method, task) runs are reused, so an interrupted comparison continues where it stopped.
 # LIMIT=N documents per task (default: the config's 100).
 .PHONY: compare
-compare: setup models data
+compare: setup models data runs/specialists-fixed/best_fixed.json runs/plain-fixed/best_fixed.json
 	$(OFFLINE) $(VENV)/bin/rlae-compare --config lm_eval_rlae/compare/configs/specialists.yaml $(if $(LIMIT),--limit $(LIMIT))
 	$(OFFLINE) $(VENV)/bin/rlae-compare --config lm_eval_rlae/compare/configs/plain.yaml $(if $(LIMIT),--limit $(LIMIT))
+
+# The best fixed weights each compare config reads: a search on the validation split (5 points).
+runs/%-fixed/best_fixed.json: trainer/configs/%.yaml | setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-best-fixed --config $< --step 0.25
