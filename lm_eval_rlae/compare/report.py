@@ -147,7 +147,7 @@ def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list
         axes[0].set_ylim(-0.02, 1.02)
         axes[0].set_title(f"{label}: weights over the spans of sample documents", fontsize=10)
         if samples:
-            axes[0].legend(fontsize=6, ncol=2, loc="best")
+            axes[0].legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below: keep the lines clear
         else:
             axes[0].text(0.5, 0.5, "no generation document took more than one decision", ha="center", transform=axes[0].transAxes)
         tasks = sorted({task for task, _ in per_doc})
