@@ -20,7 +20,7 @@ from collections import defaultdict
 from datetime import timedelta
 
 from lm_eval.api.model import LM
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
 from lm_eval_rlae.engine.chat import encode_chat
@@ -164,23 +164,9 @@ class RLAELM(LM):
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae generate_until") as bar:
             for chunk in collator.get_batched(n=self.batch_size):
                 contexts, all_kwargs = zip(*chunk)
-                kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
-                decoding = Decoding(
-                    until=until,
-                    max_gen_toks=kwargs.pop("max_gen_toks"),
-                    do_sample=bool(kwargs.pop("do_sample", False)),
-                    temperature=float(kwargs.pop("temperature", 0.0)),
-                    top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-                    top_k=int(kwargs.pop("top_k", 0) or 0),
-                )
-                if kwargs:
-                    raise ValueError(
-                        f"rlae does not support the generation arguments {sorted(kwargs)}; it supports until, "
-                        "max_gen_toks, do_sample, temperature, top_p and top_k: remove the others from gen_kwargs"
-                    )
+                decoding = Decoding.from_gen_kwargs(all_kwargs[0], self.max_gen_toks)
                 for context, text in zip(contexts, self.engine.generate(list(contexts), decoding)):
-                    text = postprocess_generated_text(text, until, None)
+                    text = postprocess_generated_text(text, decoding.until, None)
                     results.append(text)
                     self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
                     bar.update(1)

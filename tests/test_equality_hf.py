@@ -192,6 +192,21 @@ def test_one_member_with_chat_template_equals_hf(run_eval, members, kind):
         assert_same_samples(task, got[task], want[task], f"rlae[{kind}] chat vs hf[{kind}] chat")
 
 
+def test_min_new_tokens_holds_back_the_end_of_sequence_as_hf_does(bpe_member):
+    """The tiny bpe model ends some corpus lines at once; with min_new_tokens it must go on as hf does."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    prompts = tiny_models.corpus_lines()[:12]
+    hf_lm, rlae_lm = HFLM(pretrained=bpe_member, device="cpu", batch_size=4), get_model("rlae")(members=[bpe_member], device="cpu", batch_size=4)
+    short = tiny_tasks.generate(hf_lm, prompts, until=("@@",), max_gen_toks=12)
+    ended = [i for i, text in enumerate(short) if len(hf_lm.tok_encode(text)) < 12]
+    assert ended, "no prompt ends early: the test would not see min_new_tokens"
+    want = tiny_tasks.generate(hf_lm, prompts, until=("@@",), max_gen_toks=12, min_new_tokens=12)
+    assert all(len(want[i]) > len(short[i]) for i in ended)
+    assert tiny_tasks.generate(rlae_lm, prompts, until=("@@",), max_gen_toks=12, min_new_tokens=12) == want
+
+
 # ---------------------------------------------------------------------------- sliding windows
 
 # From 3 to ~400 tokens of the sp tokenizer, interleaved so that any batch mixes lengths that

@@ -182,11 +182,11 @@ def write_tiny_tasks(root: str | Path) -> str:
     return str(root)
 
 
-def generate(lm, prompts: list[str], until: tuple[str, ...] = ("\n",), max_gen_toks: int = 16) -> list[str]:
-    """Greedy ``generate_until`` answers of a harness LM for ``prompts``, in order."""
+def generate(lm, prompts: list[str], until: tuple[str, ...] = ("\n",), max_gen_toks: int = 16, **extra) -> list[str]:
+    """Greedy ``generate_until`` answers of a harness LM for ``prompts``, in order (extra: more gen_kwargs)."""
     from lm_eval.api.instance import Instance
 
-    gen_kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
+    gen_kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False, **extra}
     return lm.generate_until([Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(prompts)])
 
 

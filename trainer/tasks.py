@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lm_eval.api.instance import Instance
-from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+from lm_eval.models.utils import postprocess_generated_text
 
 from lm_eval_rlae.engine.fusion import Decoding
 from lm_eval_rlae.offline.data import TASK_CONFIGS
@@ -86,17 +86,7 @@ class TaskData:
     @cached_property
     def decoding(self) -> Decoding:
         """A generation task's decoding settings, normalised as `--model rlae` normalises them."""
-        from lm_eval.models.utils import normalize_gen_kwargs
-
-        kwargs = normalize_gen_kwargs(self.documents[0].requests[0].args[1], 256)
-        return Decoding(
-            until=handle_stop_sequences(kwargs.pop("until", None), eos=None),
-            max_gen_toks=kwargs.pop("max_gen_toks"),
-            do_sample=bool(kwargs.pop("do_sample", False)),
-            temperature=float(kwargs.pop("temperature", 0.0)),
-            top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-            top_k=int(kwargs.pop("top_k", 0) or 0),
-        )
+        return Decoding.from_gen_kwargs(self.documents[0].requests[0].args[1], 256)
 
     def reward(self, document: Document, responses: list) -> float:
         if self.kind == "generate_until":  # as RLAELM.generate_until hands texts to the harness

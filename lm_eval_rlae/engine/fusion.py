@@ -36,10 +36,33 @@ class Decoding:
 
     until: list[str]
     max_gen_toks: int
+    min_new_tokens: int = 0  # end of sequence is not chosen before this many tokens (hf's min_new_tokens)
     do_sample: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict, default_max_gen_toks: int) -> Decoding:
+        """A request's gen_kwargs, normalised as the harness's hf model normalises them."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
+        decoding = cls(
+            until=handle_stop_sequences(kwargs.pop("until", None), eos=None),
+            max_gen_toks=kwargs.pop("max_gen_toks"),
+            min_new_tokens=int(kwargs.pop("min_new_tokens", 0) or 0),
+            do_sample=bool(kwargs.pop("do_sample", False)),
+            temperature=float(kwargs.pop("temperature", 0.0)),
+            top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+            top_k=int(kwargs.pop("top_k", 0) or 0),
+        )
+        if kwargs:
+            raise ValueError(
+                f"rlae does not support the generation arguments {sorted(kwargs)}; it supports until, "
+                "max_gen_toks, min_new_tokens, do_sample, temperature, top_p and top_k: remove the others from gen_kwargs"
+            )
+        return decoding
 
 
 @dataclass
@@ -305,6 +328,8 @@ class Generation:
             step_weights = self._gated(weights)
             probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], step_weights)  # [B, U]
             probs = self._finish_characters(probs, step_weights)
+            if self.steps < self.decoding.min_new_tokens:
+                probs[:, self.union.eos] = 0
             chosen = self._choose(probs).cpu()  # [B]
             own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
             proposer = self._proposer(step_weights, own_ids)
