@@ -1,21 +1,33 @@
 """What the ensemble costs over its members: the same requests through each member alone (lm-eval's
 `HFLM`, the very objects the ensemble holds) and through `rlae`, in one process, with ratios.
 
-    python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 8]
-        [--prompts 16] [--max-gen-toks 32] [--device cpu] [--gate 0.9] [--agent rlae-ppo-specialists]
+    python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 1,8]
+        [--prompts 8] [--max-gen-toks 32] [--repeats 3] [--device cpu] [--gate 0.9] [--agent rlae-ppo-specialists]
 
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
+Every run decodes exactly `--max-gen-toks` tokens (min_new_tokens), so a member that would stop
+early does not make the ensemble look slow. Each time is the median of `--repeats` rounds, after a
+warm-up round; the runs alternate within a round, so a machine that speeds up or slows down
+weighs on all of them alike.
 With `--gate`, the ensemble also runs with that confidence gate (generation only: the other members
 skip the steps the first decides alone); with `--agent`, with that agent setting the weights, its own
 time (state features, network) counted in.
-Peak GPU memory is reported per run on CUDA.
+
+Peak memory of a run is the weights of the models it uses plus the most memory the run held above
+them (the process's peak resident memory on CPU, reset per run; allocated memory on CUDA), so a
+member alone is charged its own weights and `members, sum` both members' weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import re
+import statistics
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -31,75 +43,180 @@ PROMPTS = [
     "Q: Is the following sentence plausible? \"The goalkeeper scored a touchdown.\"\nA:",
 ]
 CHOICES = [" yes", " no", " maybe not", " Paris"]
+MiB = 2**20
 
 
 def _requests(n_prompts: int, max_gen_toks: int):
     from lm_eval.api.instance import Instance
 
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(n_prompts)]
-    gen_kwargs = {"until": ["\n\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    gen_kwargs = {"until": ["\n\n\n"], "max_gen_toks": max_gen_toks, "min_new_tokens": max_gen_toks, "do_sample": False}
     generate = [Instance("generate_until", {}, (p, gen_kwargs), i) for i, p in enumerate(prompts)]
     score = [Instance("loglikelihood", {}, (p, c), i) for i, p in enumerate(prompts) for c in CHOICES]
     return generate, score
 
 
-def _timed(fn, requests, device) -> tuple[float, float | None]:
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn(requests, disable_tqdm=True)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+class PeakMemory:
+    """Bytes a block held at most above what was held when it began: the process's peak resident
+    set on Linux (its high-water mark reset through /proc/self/clear_refs), allocated memory on
+    CUDA; None where neither can be read."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.extra: int | None = None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = _reset_resident_peak()
+        return self
+
+    def __exit__(self, *_):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self._start
+        elif self._start is not None:
+            self.extra = _status_bytes("VmHWM") - self._start
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", status.read(), flags=re.M).group(1)) * 1024
+
+
+def _reset_resident_peak() -> int | None:
+    """Resident bytes now, with the peak reset to them; None off Linux."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so an earlier run's is not counted as ours
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@dataclass
+class Run:
+    """One way of answering the requests, and what it measured."""
+
+    label: str
+    generate: Callable
+    score: Callable
+    weights: int  # bytes of the models it uses
+    setup: Callable = lambda: None  # puts the shared ensemble in this run's configuration
+    times: dict = field(default_factory=lambda: {"generate": [], "score": []})
+    extra: dict = field(default_factory=lambda: {"generate": [], "score": []})
+
+    def measure(self, requests: dict, device: torch.device) -> None:
+        self.setup()
+        for kind, fn in (("generate", self.generate), ("score", self.score)):
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                fn(requests[kind], disable_tqdm=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.times[kind].append(time.perf_counter() - start)
+            self.extra[kind].append(memory.extra)
+
+    def seconds(self, kind: str) -> float:
+        return statistics.median(self.times[kind])
+
+    def peak(self, kind: str) -> int | None:
+        return None if None in self.extra[kind] else self.weights + max(self.extra[kind])
+
+
+def benchmark(ensemble, runs: list[Run], batch_size: int, requests: dict, warmup: dict, repeats: int) -> None:
+    """Measure every run at this batch size: one warm-up round, then `repeats` alternating rounds."""
+    ensemble.batch_size = batch_size
+    for member in ensemble.members:
+        member.lm.batch_size_per_gpu = batch_size
+    device = ensemble.engine.device
+    for run in runs:
+        run.setup()
+        run.generate(warmup["generate"], disable_tqdm=True)
+        run.score(warmup["score"], disable_tqdm=True)
+    for _ in range(repeats):
+        for run in runs:
+            run.measure(requests, device)
+
+
+def report(runs: list[Run], n_members: int, batch_size: int) -> str:
+    alone, ensembles = runs[:n_members], runs[n_members:]
+
+    def mib(run_peak):
+        return "n/a" if run_peak is None else f"{run_peak / MiB:.0f}"
+
+    sums = {kind: sum(run.seconds(kind) for run in alone) for kind in ("generate", "score")}
+    peaks = {kind: None if any(run.peak(kind) is None for run in alone) else sum(run.peak(kind) for run in alone) for kind in ("generate", "score")}
+    lines = [f"batch size {batch_size}", "| run | generate_until s | loglikelihood s | peak memory MiB (generate / score) |", "| --- | --- | --- | --- |"]
+    for run in alone:
+        lines.append(f"| {run.label} | {run.seconds('generate'):.2f} | {run.seconds('score'):.2f} | {mib(run.peak('generate'))} / {mib(run.peak('score'))} |")
+    lines.append(f"| members, sum | {sums['generate']:.2f} | {sums['score']:.2f} | {mib(peaks['generate'])} / {mib(peaks['score'])} |")
+    for run in ensembles:
+        lines.append(f"| {run.label} | {run.seconds('generate'):.2f} | {run.seconds('score'):.2f} | {mib(run.peak('generate'))} / {mib(run.peak('score'))} |")
+    lines.append("")
+    for run in ensembles:
+        ratio = f"{run.label} / members, batch {batch_size}: generate_until {run.seconds('generate') / sums['generate']:.2f}, loglikelihood {run.seconds('score') / sums['score']:.2f}"
+        if peaks["generate"] is not None and run.peak("generate") is not None:
+            ratio += f", peak memory {run.peak('generate') / peaks['generate']:.2f} / {run.peak('score') / peaks['score']:.2f}"
+        lines.append(ratio)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_eval_rlae.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", default="smollm2-135m,gemma3-270m")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch-size", default="1,8", help="one batch size or several, comma-separated")
+    parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-gen-toks", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per run; the median is reported")
     parser.add_argument("--device", default=None)
     parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
     parser.add_argument("--agent", default=None, help="also run the ensemble with this agent (shipped name or directory)")
     args = parser.parse_args(argv)
+    batch_sizes = [int(size) for size in str(args.batch_size).split(",")]
+    if args.repeats < 1 or min(batch_sizes) < 1:
+        parser.error("--repeats and --batch-size must be at least 1")
 
     from lm_eval_rlae.engine.fusion import check_gate
     from lm_eval_rlae.lm import RLAELM
     from lm_eval_rlae.policies.agent import AgentPolicy
 
-    ensemble = RLAELM(members=f"[{args.members}]", device=args.device, batch_size=args.batch_size)
+    ensemble = RLAELM(members=f"[{args.members}]", device=args.device)
+    engine = ensemble.engine
     agent = None if args.agent is None else AgentPolicy.load(args.agent, [member.name for member in ensemble.members])  # refused before any run
-    generate, score = _requests(args.prompts, args.max_gen_toks)
-    device = ensemble.engine.device
-    runs = {}
-    for member in ensemble.members:
-        member.lm.batch_size_per_gpu = args.batch_size
-        runs[f"{member.name} alone (hf)"] = (_timed(member.lm.generate_until, generate, device), _timed(member.lm.loglikelihood, score, device))
-    alone = list(runs.values())
-    runs["members, sum"] = tuple((sum(run[k][0] for run in alone), None) for k in (0, 1))
-    runs["rlae uniform"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
-    if args.gate is not None:
-        ensemble.engine.gate = check_gate(args.gate)
-        runs[f"rlae uniform, gate={args.gate:g}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
-        ensemble.engine.gate = None
-    if args.agent is not None:
-        ensemble.engine.use(agent)
-        runs[f"rlae agent={args.agent}"] = (_timed(ensemble.generate_until, generate, device), _timed(ensemble.loglikelihood, score, device))
+    uniform, gate = engine.policy, check_gate(args.gate)
 
-    print(f"\n{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy) and {len(score)} loglikelihood requests, "
-          f"batch {args.batch_size}, device {device}")
-    print(f"| run | generate_until s | loglikelihood s | peak GPU GiB (gen / score) |\n| --- | --- | --- | --- |")
-    for label, ((gen_s, gen_mem), (score_s, score_mem)) in runs.items():
-        memory = "n/a" if gen_mem is None else f"{gen_mem:.2f} / {score_mem:.2f}"
-        print(f"| {label} | {gen_s:.2f} | {score_s:.2f} | {memory} |")
-    (gen_sum, _), (score_sum, _) = runs["members, sum"]
-    print()
-    for label in [label for label in runs if label.startswith("rlae")]:
-        (gen_rlae, _), (score_rlae, _) = runs[label]
-        print(f"{label} / members: generate_until {gen_rlae / gen_sum:.2f}, loglikelihood {score_rlae / score_sum:.2f}")
+    def configure(policy, gate=None):
+        def setup():
+            engine.use(policy)
+            engine.gate = gate
+
+        return setup
+
+    every_weight = sum(weight_bytes(member.model) for member in ensemble.members)
+    generate, score = _requests(args.prompts, args.max_gen_toks)
+    requests = {"generate": generate, "score": score}
+    warmup_generate, warmup_score = _requests(min(2, args.prompts), min(4, args.max_gen_toks))
+    warmup = {"generate": warmup_generate, "score": warmup_score}
+    print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(score)} loglikelihood "
+          f"requests, device {engine.device}, median of {args.repeats} rounds after a warm-up")
+    for batch_size in batch_sizes:
+        runs = [Run(f"{m.name} alone (hf)", m.lm.generate_until, m.lm.loglikelihood, weight_bytes(m.model)) for m in ensemble.members]
+        runs.append(Run("rlae uniform", ensemble.generate_until, ensemble.loglikelihood, every_weight, configure(uniform)))
+        if gate is not None:
+            runs.append(Run(f"rlae uniform, gate={args.gate:g}", ensemble.generate_until, ensemble.loglikelihood, every_weight, configure(uniform, gate)))
+        if agent is not None:
+            runs.append(Run(f"rlae agent={args.agent}", ensemble.generate_until, ensemble.loglikelihood, every_weight + weight_bytes(agent.actor), configure(agent)))
+        benchmark(ensemble, runs, batch_size, requests, warmup, args.repeats)
+        print("\n" + report(runs, len(ensemble.members), batch_size), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,35 @@
 
 import re
 
-from lm_eval_rlae.benchmark import main
+import torch
+
+from lm_eval_rlae.benchmark import PeakMemory, main
 
 
-def test_benchmark_prints_each_run_and_the_ratios(bpe_member, sp_member, capsys):
-    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--device", "cpu", "--gate", "0.5"])
+def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, capsys):
+    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
+          "--repeats", "2", "--device", "cpu", "--gate", "0.5"])
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| n/a \|$", out, flags=re.M)
-    assert [label for label, *_ in rows] == [f"{bpe_member} alone (hf)", f"{sp_member} alone (hf)", "members, sum", "rlae uniform", "rlae uniform, gate=0.5"]
-    (_, g1, s1), (_, g2, s2), (_, g_sum, s_sum), *_ = rows
-    for part_a, part_b, total in ((g1, g2, g_sum), (s1, s2, s_sum)):  # printed to 2 decimals
-        assert abs(float(part_a) + float(part_b) - float(total)) <= 0.011
-    for label in ("rlae uniform", "rlae uniform, gate=0.5"):
-        assert re.search(rf"{label} / members: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d", out)
-    assert "3 prompts x 4 new tokens" in out and "12 loglikelihood requests" in out
+    assert "3 prompts x 4 new tokens" in out and "12 loglikelihood requests" in out and "median of 2 rounds" in out
+    tables = re.split(r"^batch size (\d+)$", out, flags=re.M)[1:]
+    assert tables[::2] == ["1", "2"]
+    for batch_size, table in zip(tables[::2], tables[1::2]):
+        rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| (\d+) / (\d+) \|$", table, flags=re.M)
+        labels = [label for label, *_ in rows]
+        assert labels == [f"{bpe_member} alone (hf)", f"{sp_member} alone (hf)", "members, sum", "rlae uniform", "rlae uniform, gate=0.5"]
+        (_, g1, s1, m1, _), (_, g2, s2, m2, _), (_, g_sum, s_sum, m_sum, _), *_ = rows
+        for part_a, part_b, total in ((g1, g2, g_sum), (s1, s2, s_sum)):  # printed to 2 decimals
+            assert abs(float(part_a) + float(part_b) - float(total)) <= 0.011
+        assert abs(int(m1) + int(m2) - int(m_sum)) <= 1  # MiB, rounded
+        for label in ("rlae uniform", "rlae uniform, gate=0.5"):
+            assert re.search(rf"^{re.escape(label)} / members, batch {batch_size}: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, "
+                             r"peak memory \d+\.\d\d / \d+\.\d\d$", table, flags=re.M)
+
+
+def test_peak_memory_sees_what_a_block_allocates_and_frees():
+    with PeakMemory(torch.device("cpu")) as small:
+        torch.ones(2**10).sum()
+    with PeakMemory(torch.device("cpu")) as large:
+        block = torch.ones(2**26)  # 256 MiB, written, then freed before the block ends
+        del block
+    assert large.extra >= 250 * 2**20 > small.extra
