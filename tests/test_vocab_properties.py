@@ -358,3 +358,25 @@ def test_scatter_conserves_probability_and_is_identity_for_one_member(vocabs):
     one = UnionVocab([mvs[1]])
     single = one.scatter([probs[1]], torch.ones(3, 1))
     torch.testing.assert_close(single[:, one.to_union[0]], probs[1], atol=1e-6, rtol=0)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_keep_utf8_zeroes_exactly_the_tokens_that_break_a_character(union, data):
+    """Against the definition: on the chosen rows, the tokens `continues` rejects get probability
+    0, unless that would leave the row nothing; other rows are untouched. Texts on a character
+    boundary and texts inside one take different paths."""
+    uv, _, _ = union
+    texts = data.draw(st.lists(st.binary(max_size=6) | st.just(b"ab"), min_size=1, max_size=4))
+    batch = len(texts)
+    rows = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    probs = torch.rand(batch, uv.size, generator=generator)
+    only_breaking = data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch))
+    for r, text in enumerate(texts):  # some rows hold mass only on tokens that break their text
+        if only_breaking[r]:
+            probs[r] *= ~uv.continues(torch.tensor([utf8.next_byte_range(text)]))[0]
+    states = torch.tensor([utf8.next_byte_range(text) for text in texts])
+    allowed = uv.continues(states)  # [B, U]
+    want = torch.where((rows & ((probs * allowed).sum(-1) > 0))[:, None], probs * allowed, probs)
+    assert torch.equal(uv.keep_utf8(probs.clone(), states, rows), want)

@@ -395,10 +395,7 @@ class Generation:
         mixing = torch.stack([(weights[:, group] > 0).any(-1) for group in groups]).sum(0) > 1  # [B]
         if not mixing.any():
             return probs
-        states = torch.tensor([utf8.next_byte_range(row.text) for row in self.rows])
-        kept = probs * self.union.continues(states)
-        use = mixing & (kept.sum(-1) > 0)  # never leave a row with nothing to choose
-        return torch.where(use[:, None], kept, probs)
+        return self.union.keep_utf8(probs, torch.tensor([utf8.next_byte_range(row.text) for row in self.rows]), mixing)
 
     def _proposer(self, weights: torch.Tensor, own_ids: list[list[int]]) -> list[int]:
         """For each row, the member that gave the chosen token most of its weighted probability:

@@ -274,6 +274,7 @@ class UnionVocab:
         self._first = torch.tensor([b[0] if b else -1 for b in self.token_bytes], device=device)  # [U]
         self._tail_valid = torch.tensor([utf8.is_valid_prefix(b[n:]) for b, n in zip(self.token_bytes, leading)], device=device)
         self._starts_character = self._tail_valid & (self._leading == 0)  # [U] fine after a whole character
+        self._breaks_character = (~self._starts_character).nonzero()[:, 0]  # [K] the (few) ids that are not
         # members with one tokenizer mix without breaking characters; only distinct vocabularies need the guard
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_groups = [[m for m, f in enumerate(fingerprints) if f == g] for g in dict.fromkeys(fingerprints)]
@@ -288,13 +289,29 @@ class UnionVocab:
                 back[self.eos] = vocab.eos_id
             self.from_union.append(back)
 
+    def keep_utf8(self, probs: torch.Tensor, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Zero, on `rows` ([B] bool), the union tokens that would break the texts' UTF-8 (see
+        `continues`), in place; a row left with nothing to choose keeps every token.
+
+        probs: [B, U]; states: [B, 3] the texts' `next_byte_range`.
+        """
+        if states[:, 0].any():  # some text ends inside a character
+            kept = probs * self.continues(states)
+            return torch.where((rows.to(probs.device) & (kept.sum(-1) > 0))[:, None], kept, probs)
+        # the common case, every text on a character boundary: only the few tokens that cannot start one go
+        rows = rows.to(probs.device)[:, None]  # [B, 1]
+        held = probs[:, self._breaks_character]  # [B, K]
+        probs[:, self._breaks_character] = held.masked_fill(rows, 0)
+        emptied = rows & (probs.sum(-1, keepdim=True) <= 0)  # [B, 1]
+        if emptied.any():
+            probs[:, self._breaks_character] = torch.where(emptied, held, probs[:, self._breaks_character])
+        return probs
+
     def continues(self, states: torch.Tensor) -> torch.Tensor:
         """[B, 3] texts' `next_byte_range` -> [B, U] whether each union token keeps the text UTF-8:
         it supplies the pending continuation bytes (all of them, or fewer and nothing else), in
         range, and is valid itself apart from a last character it may leave unfinished."""
         states = states.to(self._length.device)
-        if not states[:, 0].any():  # the common case: every text ends on a character boundary
-            return self._starts_character[None, :].expand(states.shape[0], -1)
         pending, lo, hi = states.T[..., None]  # each [B, 1]
         in_range = (self._first >= lo) & (self._first <= hi)
         supplies = (self._leading == pending) | ((self._leading == self._length) & (self._length < pending) & (self._length > 0))
