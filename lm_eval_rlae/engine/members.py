@@ -264,11 +264,14 @@ class MemberStream:
         )
         if nll is not None:
             self.prompt_logppl = nll.cpu() / (lengths - 1).clamp(min=1)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        fed = (lengths > 0).to(logprobs.device)
-        self.logprobs = logprobs[:, 0] if self.logprobs is None else torch.where(fed[:, None], logprobs[:, 0], self.logprobs)
-        if states is not None:
-            self.states = states[:, 0] if self.states is None else torch.where(fed[:, None], states[:, 0], self.states)
+        logprobs = torch.log_softmax(logits[:, 0], dim=-1)  # [B, V]
+        if self.logprobs is None or bool((lengths > 0).all()):
+            self.logprobs, self.states = logprobs, None if states is None else states[:, 0]
+        else:  # rows fed nothing keep their distribution
+            fed = (lengths > 0).to(logprobs.device)[:, None]
+            self.logprobs = torch.where(fed, logprobs, self.logprobs)
+            if states is not None:
+                self.states = torch.where(fed, states[:, 0], self.states)
         self.next_pos += lengths
 
 

@@ -295,16 +295,20 @@ class UnionVocab:
 
         probs: [B, U]; states: [B, 3] the texts' `next_byte_range`.
         """
-        if states[:, 0].any():  # some text ends inside a character
-            kept = probs * self.continues(states)
-            return torch.where((rows.to(probs.device) & (kept.sum(-1) > 0))[:, None], kept, probs)
-        # the common case, every text on a character boundary: only the few tokens that cannot start one go
-        rows = rows.to(probs.device)[:, None]  # [B, 1]
-        held = probs[:, self._breaks_character]  # [B, K]
-        probs[:, self._breaks_character] = held.masked_fill(rows, 0)
-        emptied = rows & (probs.sum(-1, keepdim=True) <= 0)  # [B, 1]
-        if emptied.any():
-            probs[:, self._breaks_character] = torch.where(emptied, held, probs[:, self._breaks_character])
+        rows = rows.cpu()
+        inside = rows & (states[:, 0] > 0)  # [B] texts that end inside a character: every token is checked
+        if inside.any():
+            part = probs[inside.to(probs.device)]  # [b, U]
+            kept = part * self.continues(states[inside])
+            probs[inside.to(probs.device)] = torch.where((kept.sum(-1) > 0)[:, None], kept, part)
+        # texts on a character boundary: only the few tokens that cannot start one go
+        boundary = (rows & ~inside).to(probs.device)[:, None]  # [B, 1]
+        if boundary.any():
+            held = probs[:, self._breaks_character]  # [B, K]
+            probs[:, self._breaks_character] = held.masked_fill(boundary, 0)
+            emptied = boundary & (probs.sum(-1, keepdim=True) <= 0)  # [B, 1]
+            if emptied.any():
+                probs[:, self._breaks_character] = torch.where(emptied, held, probs[:, self._breaks_character])
         return probs
 
     def continues(self, states: torch.Tensor) -> torch.Tensor:
