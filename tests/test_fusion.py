@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import text_strategies
 
+from lm_eval_rlae.engine import utf8
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation, Scored, mixture_logprob
 from lm_eval_rlae.engine.members import Member, MemberSpec, MemberStream
 from lm_eval_rlae.offline.presets import PRESETS
@@ -72,6 +73,32 @@ def test_member_fed_foreign_tokens_is_retokenized_at_word_boundaries(members):
         n_context = len(generation._context_ids(sp, context))
         assert generation.streams[1].ids[r][n_context : n_context + len(expected)] == expected
     assert resynced > 0, "the scenario never fed the SP member a foreign token; the test proves nothing"
+
+
+def test_a_foreign_character_is_retokenized_in_the_step_that_completes_it(members):
+    """CJK text has no spaces to wait for: the SP member, fed the BPE member's partial-character
+    pieces, holds its own canonical tokens for a character from the step that completes it on.
+    (Mixed weights, so the text stays UTF-8; the BPE member proposes most tokens.)"""
+    engine = FusionEngine(members, FixedPolicy([0.9, 0.1]), span_length=1)
+    contexts = ["東京は日本の首都で、", "Hello 你好 🙂 and"]
+    generation = Generation(engine, contexts, Decoding(until=[], max_gen_toks=24))
+    sp, closed = members[1], 0
+    while not generation.done:
+        generation.advance(engine.policy(generation.state()), 1)
+        generation._catch_up()
+        for r, row in enumerate(generation.rows):
+            sync = row.syncs[1]
+            assert not sync.text or utf8.pending_continuation_bytes(sync.text) or sync.text[-1] < 0x80, "a whole character left open"
+            text = row.text
+            if text and text[-1] >= 0x80 and not utf8.pending_continuation_bytes(text):
+                start = len(text) - 1
+                while start > 0 and text[start] & 0xC0 == 0x80:
+                    start -= 1
+                if start == 0 or text[start - 1] >= 0x80 or text[start - 1] in b" \t\n":  # a run of that character alone
+                    closed += 1
+                    canonical = sp.vocab.encode_bytes(text[start:])
+                    assert generation.streams[1].ids[r][-len(canonical):] == canonical, (r, text[start:])
+    assert closed > 0, "no step completed a non-ASCII character; the test proves nothing"
 
 
 def test_one_member_is_never_retokenized(members):

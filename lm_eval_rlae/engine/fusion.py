@@ -349,7 +349,7 @@ class Generation:
                     row.done = True
                     continue
                 for m in range(len(self.streams)):
-                    self.pending[m][r] += self._ids_to_feed(m, r, own_ids[m][r], piece)
+                    self._queue(m, r, own_ids[m][r], piece)
             self.steps += 1
             if not self.done:  # the members' next distributions are needed only if decoding goes on
                 self._catch_up(lead_only=True)  # the first member's next distribution decides the gate
@@ -417,29 +417,35 @@ class Generation:
         ids = member.lm.tok_encode(render(member.lm, context), left_truncate_len=room)
         return ids or [member.lm.prefix_token_id]
 
-    def _ids_to_feed(self, m: int, row: int, own: int, piece: bytes) -> list[int]:
-        """Ids that append `piece` to member m's row, re-tokenizing at a word boundary if needed.
+    def _queue(self, m: int, row: int, own: int, piece: bytes) -> None:
+        """Queue the ids that append `piece` to member m's row, re-tokenizing at a boundary if needed.
 
         A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
-        brought back to its canonical tokens when the next word starts, or after a whole non-ASCII
-        character (scripts such as Chinese and Japanese do not separate words by spaces).
+        brought back to its canonical tokens when the next word starts, or as soon as a whole
+        non-ASCII character is in (scripts such as Chinese and Japanese do not separate words by
+        spaces): then, in the same step, so the canonical ids take the place of the piece's own.
         """
         vocab, sync = self.engine.members[m].vocab, self.rows[row].syncs[m]
-        ids: list[int] = []
-        if piece and (piece[0] in _WHITESPACE or _ends_non_ascii_character(sync.text)):
-            if sync.dirty:
-                canonical = vocab.encode_bytes(sync.text)
-                if canonical != sync.fed:
-                    held = min(len(sync.fed), len(self.pending[m][row]))  # not fed yet: just dropped
-                    del self.pending[m][row][len(self.pending[m][row]) - held :]
-                    self.streams[m].take_back(row, len(sync.fed) - held)
-                    ids += canonical
-            sync.fed, sync.text, sync.dirty = [], b"", False
+        if piece and piece[0] in _WHITESPACE:
+            self._resync(m, row)
         new = [own] if own >= 0 else vocab.encode_bytes(piece)
         sync.dirty |= own < 0 and bool(piece)
         sync.fed += new
         sync.text += piece
-        return ids + new
+        self.pending[m][row] += new
+        if _ends_non_ascii_character(sync.text):
+            self._resync(m, row)
+
+    def _resync(self, m: int, row: int) -> None:
+        """Close member m's run of ids since its last boundary: a re-encoding that is not the
+        member's canonical tokens for that text is taken back and replaced by them."""
+        sync, pending = self.rows[row].syncs[m], self.pending[m][row]
+        if sync.dirty and (canonical := self.engine.members[m].vocab.encode_bytes(sync.text)) != sync.fed:
+            held = min(len(sync.fed), len(pending))  # not fed yet: just dropped
+            del pending[len(pending) - held :]
+            self.streams[m].take_back(row, len(sync.fed) - held)
+            pending += canonical
+        sync.fed, sync.text, sync.dirty = [], b"", False
 
     def _choose(self, probs: torch.Tensor) -> torch.Tensor:
         """[B, U] mixture -> [B] union ids: argmax, or a sample after temperature / top-k / top-p."""
