@@ -7,9 +7,10 @@
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
 Every run decodes exactly `--max-gen-toks` tokens (min_new_tokens), so a member that would stop
-early does not make the ensemble look slow. Each time is the median of `--repeats` rounds, after a
-warm-up round; the runs alternate within a round, so a machine that speeds up or slows down
-weighs on all of them alike.
+early does not make the ensemble look slow. Each time is the fastest of `--repeats` rounds, after a
+warm-up round: on a shared machine, noise only ever adds time (as timeit's documentation argues),
+and single rounds on 2 CPU cores drift by 10-15%. The runs alternate within a round, so a machine
+that speeds up or slows down weighs on all of them alike.
 With `--gate`, the ensemble also runs with that confidence gate (generation only: the other members
 skip the steps the first decides alone); with `--agent`, with that agent setting the weights, its own
 time (state features, network) counted in.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import re
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -126,7 +126,7 @@ class Run:
             self.extra[kind].append(memory.extra)
 
     def seconds(self, kind: str) -> float:
-        return statistics.median(self.times[kind])
+        return min(self.times[kind])
 
     def peak(self, kind: str) -> int | None:
         return None if None in self.extra[kind] else self.weights + max(self.extra[kind])
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", default="1,8", help="one batch size or several, comma-separated")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-gen-toks", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per run; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per run; the fastest is reported")
     parser.add_argument("--device", default=None)
     parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
     parser.add_argument("--agent", default=None, help="also run the ensemble with this agent (shipped name or directory)")
@@ -204,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     every_weight = sum(weight_bytes(member.model) for member in ensemble.members)
     generate, score = _requests(args.prompts, args.max_gen_toks)
     requests = {"generate": generate, "score": score}
-    warmup_generate, warmup_score = _requests(min(2, args.prompts), min(4, args.max_gen_toks))
+    warmup_generate, warmup_score = _requests(args.prompts, min(4, args.max_gen_toks))  # every prompt: tables built on first use
     warmup = {"generate": warmup_generate, "score": warmup_score}
     print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(score)} loglikelihood "
-          f"requests, device {engine.device}, median of {args.repeats} rounds after a warm-up")
+          f"requests, device {engine.device}, fastest of {args.repeats} rounds after a warm-up")
     for batch_size in batch_sizes:
         runs = [Run(f"{m.name} alone (hf)", m.lm.generate_until, m.lm.loglikelihood, weight_bytes(m.model)) for m in ensemble.members]
         runs.append(Run("rlae uniform", ensemble.generate_until, ensemble.loglikelihood, every_weight, configure(uniform)))
