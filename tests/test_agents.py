@@ -112,18 +112,19 @@ def test_table_env_is_the_harness(trained, tmp_path, route_tasks, bpe_member, sp
 
 
 def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(trained, tmp_path, route_tasks, bpe_member, sp_member, monkeypatch):
-    """rlae-compare: members alone (hf), uniform, perplexity, best fixed and both agents through the
+    """rlae-compare: members alone (hf), uniform (also gated), perplexity, best fixed and both agents through the
     harness's command line, the upper bounds, paired differences, cost and plots; run again, it runs
     only what is missing."""
     from lm_eval_rlae.compare.command import CompareConfig, Runs, compare
 
     config = CompareConfig(
-        members=[bpe_member, sp_member], tasks=["route_mc", "route_gen"], limit=24, include_path=route_tasks, best_fixed=[0.3, 0.7],
+        members=[bpe_member, sp_member], tasks=["route_mc", "route_gen"], limit=24, include_path=route_tasks, best_fixed=[0.3, 0.7], gate=0.9,
         agents={"RLAE_PPO": str(trained["ppo"] / "best"), "RLAE_MAPPO": str(trained["mappo"] / "best")}, device="cpu", output=str(tmp_path / "compare"),
     )
     out = compare(config)
     summary = json.loads((out / "table.json").read_text())
-    labels = [f"{Path(bpe_member).name} alone", f"{Path(sp_member).name} alone", "uniform", "perplexity", "best fixed", "RLAE_PPO", "RLAE_MAPPO", "oracle routing", "per-document oracle"]
+    labels = [f"{Path(bpe_member).name} alone", f"{Path(sp_member).name} alone", "uniform", "uniform, gate=0.9", "perplexity", "best fixed",
+              "RLAE_PPO", "RLAE_MAPPO", "oracle routing", "per-document oracle"]
     assert list(summary["overall"]) == labels
     assert all(summary["tasks"][t][label]["n"] == 24 for t in config.tasks for label in labels)
     overall = {label: summary["overall"][label]["acc"] for label in labels}
@@ -131,7 +132,7 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
     for agent in ("RLAE_PPO", "RLAE_MAPPO"):  # the agents learned these tasks (test_agent_beats_uniform_on_held_out_documents)
         diff, low, _ = summary["paired"][agent]["uniform"]
         assert diff > 0.1 and low > 0, (agent, summary["paired"][agent])
-    for label in labels[:7]:
+    for label in labels[:8]:
         cost = summary["cost"][label]
         assert cost["generate_until"]["requests"] == 24 and cost["generated_tokens"] > 0 and cost["peak_rss_gib"] > 0.1
         assert cost["loglikelihood"]["requests"] > 24  # every choice of every document
@@ -159,10 +160,10 @@ def test_benchmark_times_the_agent_beside_the_members(trained, bpe_member, sp_me
     from lm_eval_rlae.benchmark import main
 
     agent = str(trained["ppo"] / "best")
-    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--device", "cpu", "--agent", agent])
+    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--repeats", "1", "--device", "cpu", "--agent", agent])
     out = capsys.readouterr().out
-    assert re.search(rf"^\| rlae agent={re.escape(agent)} \| [\d.]+ \| [\d.]+ \| n/a \|$", out, flags=re.M)
-    assert re.search(rf"rlae agent={re.escape(agent)} / members: generate_until \d+\.\d\d", out)
+    assert re.search(rf"^\| rlae agent={re.escape(agent)} \| [\d.]+ \| [\d.]+ \| \d+ / \d+ \|$", out, flags=re.M)
+    assert re.search(rf"rlae agent={re.escape(agent)} / members, batch 2: generate_until \d+\.\d\d", out)
 
 
 def test_mappo_actors_see_only_their_member(trained):

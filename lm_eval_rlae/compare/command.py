@@ -8,6 +8,7 @@ Methods, each a run of the harness's own command line with `--log_samples` (so e
 from the harness's metrics and samples):
   <member> alone   --model hf, the harness's own single-model baseline
   uniform          --model rlae weights=uniform (GaC)
+  uniform, gate=G  --model rlae weights=uniform,gate=G: the confidence gate's accuracy cost (with `gate`)
   perplexity       --model rlae weights=perplexity (PackLLM-sim)
   best fixed       --model rlae weights=[...]: `rlae-best-fixed`'s search on the validation split
   <agent>          --model rlae agent=... (RLAE_PPO, RLAE_MAPPO)
@@ -50,6 +51,7 @@ class CompareConfig:
     best_fixed: str | list[float] | None = None  # rlae-best-fixed's best_fixed.json, or the weights themselves
     agents: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> shipped agent or directory
     perplexity_temperature: float = 1.0
+    gate: float | None = None  # also uniform weights under this confidence gate (e.g. 0.9): what the speed-up costs
     batch_size: int = 16
     device: str | None = None
     output: str | None = None  # default: results/compare/<config name>
@@ -71,6 +73,8 @@ def methods(config: CompareConfig) -> dict[str, tuple[str, str]]:
     members = f"members=[{','.join(config.members)}]"
     out = {f"{short} alone": ("hf", hf_model_args(name)) for short, name in zip(short_names(config.members), config.members)}
     out["uniform"] = ("rlae", f"{members},weights=uniform")
+    if config.gate is not None:
+        out[f"uniform, gate={config.gate:g}"] = ("rlae", f"{members},weights=uniform,gate={config.gate:g}")
     out["perplexity"] = ("rlae", f"{members},weights=perplexity,perplexity_temperature={config.perplexity_temperature:g}")
     if (fixed := config.best_fixed_weights()) is not None:
         out["best fixed"] = ("rlae", f"{members},weights=[{','.join(f'{w:g}' for w in fixed)}]")
