@@ -274,7 +274,7 @@ class UnionVocab:
         self._first = torch.tensor([b[0] if b else -1 for b in self.token_bytes], device=device)  # [U]
         self._tail_valid = torch.tensor([utf8.is_valid_prefix(b[n:]) for b, n in zip(self.token_bytes, leading)], device=device)
         self._starts_character = self._tail_valid & (self._leading == 0)  # [U] fine after a whole character
-        self._breaks_character = (~self._starts_character).nonzero()[:, 0]  # [K] the (few) ids that are not
+        self._breaks_character = (~self._starts_character).nonzero()[:, 0]  # [K] the few ids that cannot start a character
         # members with one tokenizer mix without breaking characters; only distinct vocabularies need the guard
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_groups = [[m for m, f in enumerate(fingerprints) if f == g] for g in dict.fromkeys(fingerprints)]
