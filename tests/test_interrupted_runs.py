@@ -52,10 +52,14 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _cached(db: Path) -> int:
+    """Rows in the harness's cache. Read-write, not read-only: a run killed inside a commit leaves a
+    hot journal, which only a connection that may write rolls back (read-only, the file looks empty)."""
+    if not db.exists():
+        return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+        with sqlite3.connect(db, timeout=10) as conn:
             return conn.execute('SELECT COUNT(*) FROM "unnamed"').fetchone()[0]
-    except sqlite3.Error:  # not created yet, or being written
+    except sqlite3.OperationalError:  # the table is not created yet
         return 0
 
 
