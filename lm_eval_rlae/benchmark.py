@@ -46,14 +46,16 @@ CHOICES = [" yes", " no", " maybe not", " Paris"]
 MiB = 2**20
 
 
-def _requests(n_prompts: int, max_gen_toks: int):
+def _requests(n_prompts: int, max_gen_toks: int) -> dict:
+    """{"generate": [...], "score": [...]}: the harness requests of each kind."""
     from lm_eval.api.instance import Instance
 
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(n_prompts)]
     gen_kwargs = {"until": ["\n\n\n"], "max_gen_toks": max_gen_toks, "min_new_tokens": max_gen_toks, "do_sample": False}
-    generate = [Instance("generate_until", {}, (p, gen_kwargs), i) for i, p in enumerate(prompts)]
-    score = [Instance("loglikelihood", {}, (p, c), i) for i, p in enumerate(prompts) for c in CHOICES]
-    return generate, score
+    return {
+        "generate": [Instance("generate_until", {}, (p, gen_kwargs), i) for i, p in enumerate(prompts)],
+        "score": [Instance("loglikelihood", {}, (p, c), i) for i, p in enumerate(prompts) for c in CHOICES],
+    }
 
 
 class PeakMemory:
@@ -153,14 +155,17 @@ def report(runs: list[Run], n_members: int, batch_size: int) -> str:
     def mib(run_peak):
         return "n/a" if run_peak is None else f"{run_peak / MiB:.0f}"
 
-    sums = {kind: sum(run.seconds(kind) for run in alone) for kind in ("generate", "score")}
-    peaks = {kind: None if any(run.peak(kind) is None for run in alone) else sum(run.peak(kind) for run in alone) for kind in ("generate", "score")}
+    def row(label, gen_s, score_s, gen_peak, score_peak):
+        return f"| {label} | {gen_s:.2f} | {score_s:.2f} | {mib(gen_peak)} / {mib(score_peak)} |"
+
+    kinds = ("generate", "score")
+    sums = {kind: sum(run.seconds(kind) for run in alone) for kind in kinds}
+    peaks = {kind: None if any(run.peak(kind) is None for run in alone) else sum(run.peak(kind) for run in alone) for kind in kinds}
     lines = [f"batch size {batch_size}", "| run | generate_until s | loglikelihood s | peak memory MiB (generate / score) |", "| --- | --- | --- | --- |"]
-    for run in alone:
-        lines.append(f"| {run.label} | {run.seconds('generate'):.2f} | {run.seconds('score'):.2f} | {mib(run.peak('generate'))} / {mib(run.peak('score'))} |")
-    lines.append(f"| members, sum | {sums['generate']:.2f} | {sums['score']:.2f} | {mib(peaks['generate'])} / {mib(peaks['score'])} |")
-    for run in ensembles:
-        lines.append(f"| {run.label} | {run.seconds('generate'):.2f} | {run.seconds('score'):.2f} | {mib(run.peak('generate'))} / {mib(run.peak('score'))} |")
+    for run in runs:
+        lines.append(row(run.label, *map(run.seconds, kinds), *map(run.peak, kinds)))
+        if run is alone[-1]:
+            lines.append(row("members, sum", *sums.values(), *peaks.values()))
     lines.append("")
     for run in ensembles:
         ratio = f"{run.label} / members, batch {batch_size}: generate_until {run.seconds('generate') / sums['generate']:.2f}, loglikelihood {run.seconds('score') / sums['score']:.2f}"
@@ -202,11 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         return setup
 
     every_weight = sum(weight_bytes(member.model) for member in ensemble.members)
-    generate, score = _requests(args.prompts, args.max_gen_toks)
-    requests = {"generate": generate, "score": score}
-    warmup_generate, warmup_score = _requests(args.prompts, min(4, args.max_gen_toks))  # every prompt: tables built on first use
-    warmup = {"generate": warmup_generate, "score": warmup_score}
-    print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(score)} loglikelihood "
+    requests = _requests(args.prompts, args.max_gen_toks)
+    warmup = _requests(args.prompts, min(4, args.max_gen_toks))  # every prompt: tables built on first use
+    print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(requests['score'])} loglikelihood "
           f"requests, device {engine.device}, fastest of {args.repeats} rounds after a warm-up")
     for batch_size in batch_sizes:
         runs = [Run(f"{m.name} alone (hf)", m.lm.generate_until, m.lm.loglikelihood, weight_bytes(m.model)) for m in ensemble.members]

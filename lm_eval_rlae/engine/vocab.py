@@ -298,9 +298,10 @@ class UnionVocab:
         rows = rows.cpu()
         inside = rows & (states[:, 0] > 0)  # [B] texts that end inside a character: every token is checked
         if inside.any():
-            part = probs[inside.to(probs.device)]  # [b, U]
+            on_device = inside.to(probs.device)
+            part = probs[on_device]  # [b, U]
             kept = part * self.continues(states[inside])
-            probs[inside.to(probs.device)] = torch.where((kept.sum(-1) > 0)[:, None], kept, part)
+            probs[on_device] = torch.where((kept.sum(-1) > 0)[:, None], kept, part)
         # texts on a character boundary: only the few tokens that cannot start one go
         boundary = (rows & ~inside).to(probs.device)[:, None]  # [B, 1]
         if boundary.any():
