@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -109,6 +110,15 @@ def test_one_member_is_never_retokenized(members):
         own = union.from_union[0][row.tokens].tolist()
         fed = generation.streams[0].ids[r][n_context:]
         assert fed == own[: len(fed)] and len(fed) >= len(own) - 1
+
+
+def test_members_pass_their_cache_under_the_name_the_installed_transformers_takes(members):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`: the old name warns, and goes in 5.40."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values")
+        generation = _generation(members, UniformPolicy(2), max_gen_toks=4)
+        scored = generation.engine.loglikelihood([("The quick brown", " fox")])
+    assert generation.steps == 4 and scored[0][0] < 0
 
 
 class _CountingPolicy(WeightPolicy):

@@ -9,6 +9,7 @@ batch of KV caches for incremental decoding.
 from __future__ import annotations
 
 import ast
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ class Member:
         self.vocab = MemberVocab.from_tokenizer(
             self.tokenizer, vocab_size=self.model.get_output_embeddings().weight.shape[0], eos_ids=generation_eos
         )
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @property
     def max_length(self) -> int:
@@ -154,9 +157,9 @@ class Member:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 position_ids=position_ids.to(self.device),
-                past_key_values=cache,
                 use_cache=cache is not None,
                 logits_to_keep=keep.to(self.device),
+                **{self._cache_arg: cache},
             )
         finally:
             if hook is not None:
@@ -168,7 +171,7 @@ class Member:
             states = kept.float() if hidden else None
             if targets is not None:
                 nll = self._nll(last, targets.to(last.device), kept, out.logits)
-        return out.logits.float(), states, out.past_key_values, nll
+        return out.logits.float(), states, cache, nll  # the cache is updated in place
 
     def _nll(self, last, targets, kept, logits) -> torch.Tensor:
         """[B] summed -log p(target) from the final hidden states [B, T, H], through the output head a
