@@ -375,7 +375,12 @@ class Generation:
         return bool((top[live] > self.engine.gate).all())
 
     def _catch_up(self, lead_only: bool = False) -> None:
-        """Feed the members the ids they are owed (the first member only, with lead_only)."""
+        """Feed the members the ids they are owed (the first member only, with lead_only).
+
+        Every member's forward is launched before any result is read (feeding does not wait), so on
+        one device per member a step costs about the slowest member; only the gate reads the first
+        member's distribution before launching the others, to know whether they are needed.
+        """
         for m, stream in enumerate(self.streams[:1] if lead_only else self.streams):
             if any(self.pending[m]):
                 stream.feed(self.pending[m])

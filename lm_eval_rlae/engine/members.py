@@ -146,6 +146,9 @@ class Member:
         row's summed negative log-likelihood of its targets (a prompt's perplexity, from the same pass).
         Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache, nll [B] or None).
         """
+        # Inputs go to the device before the forward is launched: a host-to-device copy after it would
+        # wait for it, and members on separate devices would no longer overlap (see MemberStream.feed).
+        keep = keep.to(self.device)
         # The final hidden states, when asked for, are the decoder's own output, caught on the way
         # to the head: output_hidden_states would keep every layer's [B, T, H] to return the last.
         caught = {}
@@ -158,7 +161,7 @@ class Member:
                 attention_mask=attention_mask.to(self.device),
                 position_ids=position_ids.to(self.device),
                 use_cache=cache is not None,
-                logits_to_keep=keep.to(self.device),
+                logits_to_keep=keep,
                 **{self._cache_arg: cache},
             )
         finally:
@@ -167,7 +170,7 @@ class Member:
         states = nll = None
         if caught:
             last = caught["last"]  # [B, T, H] after the final norm
-            kept = torch.gather(last, 1, keep.to(last.device)[..., None].expand(-1, -1, last.shape[-1]))  # [B, K, H]
+            kept = torch.gather(last, 1, keep[..., None].expand(-1, -1, last.shape[-1]))  # [B, K, H]
             states = kept.float() if hidden else None
             if targets is not None:
                 nll = self._nll(last, targets.to(last.device), kept, out.logits)
@@ -238,7 +241,11 @@ class MemberStream:
             self.next_pos[row] -= n
 
     def feed(self, ids_per_row: list[list[int]]) -> None:
-        """Append ids to each row's cache and refresh the next-token distribution of fed rows."""
+        """Append ids to each row's cache and refresh the next-token distribution of fed rows.
+
+        Past the prompt, nothing here waits for the forward it launches (no host read, no copy to
+        the device after it), so members on separate devices, fed one after the other, run at once.
+        """
         lengths = torch.tensor([len(ids) for ids in ids_per_row])
         width = int(lengths.max())
         if width == 0:
@@ -255,6 +262,8 @@ class MemberStream:
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         position_ids = (self.next_pos[:, None] + torch.arange(width)[None, :] - pad).clamp(min=0)
         keep = torch.full((batch, 1), width - 1)  # [B, 1] the last slot: each fed row's last new token
+        every_row_fed = self.logprobs is None or bool((lengths > 0).all())
+        fed = None if every_row_fed else (lengths > 0)[:, None].to(self.member.device)  # [B, 1], before the forward
         targets = None
         if self.cache is None:
             from transformers import DynamicCache
@@ -268,10 +277,9 @@ class MemberStream:
         if nll is not None:
             self.prompt_logppl = nll.cpu() / (lengths - 1).clamp(min=1)
         logprobs = torch.log_softmax(logits[:, 0], dim=-1)  # [B, V]
-        if self.logprobs is None or bool((lengths > 0).all()):
+        if every_row_fed:
             self.logprobs, self.states = logprobs, None if states is None else states[:, 0]
         else:  # rows fed nothing keep their distribution
-            fed = (lengths > 0).to(logprobs.device)[:, None]
             self.logprobs = torch.where(fed, logprobs, self.logprobs)
             if states is not None:
                 self.states = torch.where(fed, states[:, 0], self.states)
