@@ -2,10 +2,13 @@
 `HFLM`, the very objects the ensemble holds) and through `rlae`, in one process, with ratios.
 
     python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 1,8]
-        [--prompts 8] [--max-gen-toks 32] [--repeats 3] [--device cpu] [--gate 0.9] [--agent rlae-ppo-specialists]
+        [--prompts 8] [--max-gen-toks 32] [--repeats 3] [--device cpu | --devices cuda:0,cuda:1]
+        [--gate 0.9] [--agent rlae-ppo-specialists]
 
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
+With each member on its own device (`--devices`), their forwards overlap and the floor is the
+slowest member alone: `rlae / slowest member`.
 Every run decodes exactly `--max-gen-toks` tokens (min_new_tokens), so a member that would stop
 early does not make the ensemble look slow. Each time is the fastest of `--repeats` rounds, after a
 warm-up round: on a shared machine, noise only ever adds time (as timeit's documentation argues),
@@ -16,8 +19,9 @@ skip the steps the first decides alone); with `--agent`, with that agent setting
 time (state features, network) counted in.
 
 Peak memory of a run is the weights of the models it uses plus the most memory the run held above
-them (the process's peak resident memory on CPU, reset per run; allocated memory on CUDA), so a
-member alone is charged its own weights and `members, sum` both members' weights.
+them (the process's peak resident memory on CPU, reset per run; allocated memory on CUDA, summed
+over the devices used), so a member alone is charged its own weights and `members, sum` both
+members' weights.
 """
 
 from __future__ import annotations
@@ -59,29 +63,31 @@ def _requests(n_prompts: int, max_gen_toks: int) -> dict:
 
 
 class PeakMemory:
-    """Bytes a block held at most above what was held when it began: the process's peak resident
-    set on Linux (its high-water mark reset through /proc/self/clear_refs), allocated memory on
-    CUDA; None where neither can be read."""
+    """Bytes a block held at most above what was held when it began, over the given devices:
+    allocated memory on each CUDA device, and for the CPU the process's peak resident set on Linux
+    (its high-water mark reset through /proc/self/clear_refs); None where that cannot be read."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, devices: list[torch.device]):
+        self.cuda = [device for device in devices if device.type == "cuda"]
+        self.host = len(self.cuda) < len(devices)
         self.extra: int | None = None
 
     def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = _reset_resident_peak()
+        self._cuda_start = []
+        for device in self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self._cuda_start.append(torch.cuda.memory_allocated(device))
+        self._host_start = _reset_resident_peak() if self.host else 0
         return self
 
     def __exit__(self, *_):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.extra = torch.cuda.max_memory_allocated() - self._start
-        elif self._start is not None:
-            self.extra = _status_bytes("VmHWM") - self._start
+        if self._host_start is None:
+            return
+        self.extra = _status_bytes("VmHWM") - self._host_start if self.host else 0
+        for device, start in zip(self.cuda, self._cuda_start):
+            torch.cuda.synchronize(device)
+            self.extra += torch.cuda.max_memory_allocated(device) - start
 
 
 def _status_bytes(key: str) -> int:
@@ -116,14 +122,12 @@ class Run:
     times: dict = field(default_factory=lambda: {"generate": [], "score": []})
     extra: dict = field(default_factory=lambda: {"generate": [], "score": []})
 
-    def measure(self, requests: dict, device: torch.device) -> None:
+    def measure(self, requests: dict, devices: list[torch.device]) -> None:
         self.setup()
         for kind, fn in (("generate", self.generate), ("score", self.score)):
-            with PeakMemory(device) as memory:
+            with PeakMemory(devices) as memory:
                 start = time.perf_counter()
-                fn(requests[kind], disable_tqdm=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                fn(requests[kind], disable_tqdm=True)  # returns host values: every device is done
                 self.times[kind].append(time.perf_counter() - start)
             self.extra[kind].append(memory.extra)
 
@@ -139,17 +143,19 @@ def benchmark(ensemble, runs: list[Run], batch_size: int, requests: dict, warmup
     ensemble.batch_size = batch_size
     for member in ensemble.members:
         member.lm.batch_size_per_gpu = batch_size
-    device = ensemble.engine.device
+    devices = list(dict.fromkeys(torch.device(member.device) for member in ensemble.members))
     for run in runs:
         run.setup()
         run.generate(warmup["generate"], disable_tqdm=True)
         run.score(warmup["score"], disable_tqdm=True)
     for _ in range(repeats):
         for run in runs:
-            run.measure(requests, device)
+            run.measure(requests, devices)
 
 
-def report(runs: list[Run], n_members: int, batch_size: int) -> str:
+def report(runs: list[Run], n_members: int, batch_size: int, own_devices: bool = False) -> str:
+    """The table of runs (members alone first) and each ensemble's ratios to the floor: the sum of
+    the members' times, or with each member on its own device (`own_devices`) the slowest one's."""
     alone, ensembles = runs[:n_members], runs[n_members:]
 
     def mib(run_peak):
@@ -167,8 +173,10 @@ def report(runs: list[Run], n_members: int, batch_size: int) -> str:
         if run is alone[-1]:
             lines.append(row("members, sum", *sums.values(), *peaks.values()))
     lines.append("")
+    floor_name, floor = ("slowest member", max) if own_devices else ("members", sum)
+    floors = {kind: floor(run.seconds(kind) for run in alone) for kind in kinds}
     for run in ensembles:
-        ratio = f"{run.label} / members, batch {batch_size}: generate_until {run.seconds('generate') / sums['generate']:.2f}, loglikelihood {run.seconds('score') / sums['score']:.2f}"
+        ratio = f"{run.label} / {floor_name}, batch {batch_size}: generate_until {run.seconds('generate') / floors['generate']:.2f}, loglikelihood {run.seconds('score') / floors['score']:.2f}"
         if peaks["generate"] is not None and run.peak("generate") is not None:
             ratio += f", peak memory {run.peak('generate') / peaks['generate']:.2f} / {run.peak('score') / peaks['score']:.2f}"
         lines.append(ratio)
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-gen-toks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per run; the fastest is reported")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="every member's device")
+    parser.add_argument("--devices", default=None, help="one device per member, comma-separated, e.g. cuda:0,cuda:1")
     parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
     parser.add_argument("--agent", default=None, help="also run the ensemble with this agent (shipped name or directory)")
     args = parser.parse_args(argv)
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval_rlae.lm import RLAELM
     from lm_eval_rlae.policies.agent import AgentPolicy
 
-    ensemble = RLAELM(members=f"[{args.members}]", device=args.device)
+    ensemble = RLAELM(members=f"[{args.members}]", device=args.device, devices=args.devices and f"[{args.devices}]")
     engine = ensemble.engine
     agent = None if args.agent is None else AgentPolicy.load(args.agent, [member.name for member in ensemble.members])  # refused before any run
     uniform, gate = engine.policy, check_gate(args.gate)
@@ -209,8 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     every_weight = sum(weight_bytes(member.model) for member in ensemble.members)
     requests = _requests(args.prompts, args.max_gen_toks)
     warmup = _requests(args.prompts, min(4, args.max_gen_toks))  # every prompt: tables built on first use
+    devices = [str(member.device) for member in ensemble.members]
+    own_devices = len(set(devices)) == len(devices) > 1  # the members' forwards overlap
     print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(requests['score'])} loglikelihood "
-          f"requests, device {engine.device}, fastest of {args.repeats} rounds after a warm-up")
+          f"requests, devices {', '.join(devices)}, fastest of {args.repeats} rounds after a warm-up")
     for batch_size in batch_sizes:
         runs = [Run(f"{m.name} alone (hf)", m.lm.generate_until, m.lm.loglikelihood, weight_bytes(m.model)) for m in ensemble.members]
         runs.append(Run("rlae uniform", ensemble.generate_until, ensemble.loglikelihood, every_weight, configure(uniform)))
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         if agent is not None:
             runs.append(Run(f"rlae agent={args.agent}", ensemble.generate_until, ensemble.loglikelihood, every_weight + weight_bytes(agent.actor), configure(agent)))
         benchmark(ensemble, runs, batch_size, requests, warmup, args.repeats)
-        print("\n" + report(runs, len(ensemble.members), batch_size), flush=True)
+        print("\n" + report(runs, len(ensemble.members), batch_size, own_devices), flush=True)
 
 
 if __name__ == "__main__":

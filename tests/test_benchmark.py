@@ -4,14 +4,15 @@ import re
 
 import torch
 
-from lm_eval_rlae.benchmark import PeakMemory, main
+from lm_eval_rlae.benchmark import PeakMemory, Run, main, report
 
 
 def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, capsys):
     main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
-          "--repeats", "2", "--device", "cpu", "--gate", "0.5"])
+          "--repeats", "2", "--devices", "cpu,cpu", "--gate", "0.5"])
     out = capsys.readouterr().out
     assert "3 prompts x 4 new tokens" in out and "12 loglikelihood requests" in out and "fastest of 2 rounds" in out
+    assert "devices cpu, cpu," in out
     tables = re.split(r"^batch size (\d+)$", out, flags=re.M)[1:]
     assert tables[::2] == ["1", "2"]
     for batch_size, table in zip(tables[::2], tables[1::2]):
@@ -27,10 +28,23 @@ def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_
                              r"peak memory \d+\.\d\d / \d+\.\d\d$", table, flags=re.M)
 
 
+def test_members_on_their_own_devices_are_measured_against_the_slowest():
+    """On one device the floor is the sum of the members' times; each on its own, their forwards
+    overlap and the floor is the slowest member alone. Memory is the sum either way."""
+    runs = []
+    for label, generate_s, score_s, weights in (("a alone", 2.0, 1.0, 100), ("b alone", 4.0, 0.5, 300), ("rlae", 4.4, 1.2, 400)):
+        run = Run(label, None, None, weights)
+        run.times = {"generate": [generate_s + 1, generate_s], "score": [score_s]}  # the fastest round counts
+        run.extra = {"generate": [0, 0], "score": [0]}
+        runs.append(run)
+    assert "rlae / members, batch 8: generate_until 0.73, loglikelihood 0.80, peak memory 1.00 / 1.00" in report(runs, 2, 8)
+    assert "rlae / slowest member, batch 8: generate_until 1.10, loglikelihood 1.20, peak memory 1.00 / 1.00" in report(runs, 2, 8, own_devices=True)
+
+
 def test_peak_memory_sees_what_a_block_allocates_and_frees():
-    with PeakMemory(torch.device("cpu")) as small:
+    with PeakMemory([torch.device("cpu")]) as small:
         torch.ones(2**10).sum()
-    with PeakMemory(torch.device("cpu")) as large:
+    with PeakMemory([torch.device("cpu")]) as large:
         block = torch.ones(2**26)  # 256 MiB, written, then freed before the block ends
         del block
     assert large.extra >= 250 * 2**20 > small.extra
