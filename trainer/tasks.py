@@ -108,15 +108,16 @@ def load_tasks(
     TaskManager. The harness builds requests for a task's test split; pointing `test_split` at the
     split wanted keeps everything else its own, the exclusion of a document from its own few-shot
     examples included (it applies whenever the few-shot split is the evaluated one)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
-    def manager(include_defaults: bool):
-        return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+    def leaf_tasks(include_defaults: bool) -> dict:
+        manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+        return manager.load(list(names))["tasks"]
 
     try:  # the harness's own tasks take ~15 s to index: only when the names need them
-        flat = _leaves(get_task_dict(list(names), manager(include_path is None)))
+        flat = leaf_tasks(include_path is None)
     except (KeyError, ValueError):
-        flat = _leaves(get_task_dict(list(names), manager(True)))
+        flat = leaf_tasks(True)
     missing = [name for name in names if name not in flat]
     if missing:
         raise ValueError(f"tasks {missing} are groups or unknown to the harness: name leaf tasks")
@@ -129,11 +130,4 @@ def load_tasks(
         task.config.test_split = split_name
         out[name] = TaskData(task, name, split, metric=(metrics or {}).get(name), limit=limit)
         logger.info("%s (%s split): %d documents, metric %s", name, split, len(out[name]), out[name].metric)
-    return out
-
-
-def _leaves(task_dict: dict) -> dict:
-    out = {}
-    for key, value in task_dict.items():
-        out |= _leaves(value) if isinstance(value, dict) else {key: value}
     return out
