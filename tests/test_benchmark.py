@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 
 from lm_eval_rlae.benchmark import PeakMemory, Run, main, report
@@ -26,6 +27,12 @@ def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_
         for label in ("rlae uniform", "rlae uniform, gate=0.5"):
             assert re.search(rf"^{re.escape(label)} / members, batch {batch_size}: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, "
                              r"peak memory \d+\.\d\d / \d+\.\d\d$", table, flags=re.M)
+
+
+def test_devices_reach_the_ensemble(bpe_member, sp_member):
+    """--devices is the ensemble's `devices=`: one device for two members is refused before any model loads."""
+    with pytest.raises(ValueError, match="devices has 1 values for 2 members"):
+        main(["--members", f"{bpe_member},{sp_member}", "--devices", "cpu"])
 
 
 def test_members_on_their_own_devices_are_measured_against_the_slowest():
