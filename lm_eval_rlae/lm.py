@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from lm_eval_rlae.engine.chat import encode_chat
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, check_gate
-from lm_eval_rlae.engine.members import Member, MemberSpec, parse_list
+from lm_eval_rlae.engine.members import Member, MemberSpec
+from lm_eval_rlae.model_args import parse_list
 from lm_eval_rlae.policies import make_policy
 from lm_eval_rlae.policies.agent import AgentPolicy
 

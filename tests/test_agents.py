@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 import tiny_route
 from lm_eval_rlae.policies.agent import AgentCheckpointError, AgentPolicy, load_agent
-from trainer.train import TrainConfig, load_config, train
+from trainer.agents.run import TrainConfig, load_config
+from trainer.agents.train import train
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,8 @@ def test_table_env_is_the_harness(trained, tmp_path, route_tasks, bpe_member, sp
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from trainer.agent_table import method_scores
-    from trainer.train import Run
+    from trainer.agents.agent_table import method_scores
+    from trainer.agents.run import Run
 
     agent = str(trained["mappo"] / "best")
     run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "table", test_docs=10_000), splits=("test",))
@@ -115,7 +116,8 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
     """rlae-compare: members alone (hf), uniform (also gated), perplexity, best fixed and both agents through the
     harness's command line, the upper bounds, paired differences, cost and plots; run again, it runs
     only what is missing."""
-    from lm_eval_rlae.compare.command import CompareConfig, Runs, compare
+    from lm_eval_rlae.compare.command import Runs, compare
+    from lm_eval_rlae.compare.config import CompareConfig
 
     config = CompareConfig(
         members=[bpe_member, sp_member], tasks=["route_mc", "route_gen"], limit=24, include_path=route_tasks, best_fixed=[0.3, 0.7], gate=0.9,
@@ -205,7 +207,7 @@ def test_resumed_run_is_the_run_that_was_not_stopped(tmp_path, bpe_member, sp_me
 
 
 def test_mc_rows_draw_only_multiple_choice_documents(tmp_path, bpe_member, sp_member, route_tasks):
-    from trainer.train import Run
+    from trainer.agents.run import Run
 
     run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", rows=4, mc_rows=12, val_docs=4))
     expected = ["route_gen"] * 4 + ["route_mc"] * 12
@@ -222,8 +224,8 @@ def test_mc_rows_draw_only_multiple_choice_documents(tmp_path, bpe_member, sp_me
 def test_score_cache_scores_only_new_documents(tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
     """More documents per task than the cache holds: only the new ones are scored, and they equal a
     cache built from scratch."""
-    from trainer.scores import ScoreCache
-    from trainer.train import Run
+    from trainer.agents.scores import ScoreCache
+    from trainer.agents.run import Run
 
     scored = []
     original = ScoreCache._score
@@ -246,7 +248,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, bpe_member, sp_member,
     import yaml
 
     path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
-    command = [sys.executable, "-m", "trainer.train", "--config", str(path)]
+    command = [sys.executable, "-m", "trainer.agents.train", "--config", str(path)]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in process.stdout:  # kill it as soon as the first epoch's checkpoint is written
@@ -289,8 +291,8 @@ def _kill(ray, worker) -> int:
 
 
 def test_killed_rollout_worker_ends_its_episodes_truncated_and_is_replaced(ray_cluster, tmp_path, bpe_member, sp_member, route_tasks):
-    from trainer.rollouts import RayEnv
-    from trainer.train import Run
+    from trainer.agents.rollouts import RayEnv
+    from trainer.agents.run import Run
 
     config = _config(bpe_member, sp_member, route_tasks, tmp_path / "run", rows=3, mc_rows=4, val_docs=4, rollout_workers=2)
     learner = Run(config, splits=("train",))
@@ -317,7 +319,7 @@ def test_ray_rollouts_learn_as_one_process_does_through_a_killed_worker(ray_clus
     """Two Ray workers collect the same number of episodes per update as one process; one of them is
     killed in the middle of the second epoch's collection. The run goes on with the learner's state,
     and its validation curve has the shape of the one-process run's."""
-    from trainer import rollouts
+    from trainer.agents import rollouts
 
     steps, kills, original = [], [], rollouts.RayEnv.step
 

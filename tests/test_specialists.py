@@ -1,4 +1,4 @@
-"""The specialist-adapter trainer (trainer/specialists.py) on the tiny members and tiny tasks, and
+"""The specialist-adapter trainer (trainer/specialists/build.py) on the tiny members and tiny tasks, and
 base + adapter members: rlae with a peft member equals `--model hf` with the same adapter."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lm_eval_rlae.offline import presets
-from trainer import specialists
-from trainer.specialists import SpecialistConfig, batch_schedule, build, collate
+from trainer.specialists import build as specialists
+from trainer.specialists.build import SpecialistConfig, batch_schedule, build, collate
 
 
 @pytest.mark.parametrize("member", ["bpe_member", "sp_member"])
@@ -173,7 +173,7 @@ def test_committed_adapters_were_built_by_the_current_configuration(name):
 
 
 def test_the_table_routes_each_task_to_its_better_specialist_and_averages_each_skill_set(tmp_path):
-    from trainer import specialist_table
+    from trainer.specialists import table as specialist_table
 
     math, lang = specialists.SPECIALISTS
     tasks = {name: specialists.SPECIALISTS[name].tasks for name in (math, lang)}

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_eval_rlae.compare.config import methods, short_names
 from lm_eval_rlae.compare.stats import paired_interval, wilson
 
-
-def short_names(members: list[str]) -> list[str]:
-    """Members as a person reads them: a path or hub id by its last part, where that stays unique."""
-    short = [Path(name).name or name for name in members]
-    return short if len(set(short)) == len(short) else list(members)
 
 UPPER_BOUNDS = ("oracle routing", "per-document oracle")
 
@@ -169,8 +165,6 @@ def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list
 
 def report(config, runs, labels: list[str], output: Path) -> dict:
     """Read every (method, task) run and write table.md, table.json and the plots into `output`."""
-    from lm_eval_rlae.compare.command import methods
-
     plan = methods(config)
     scores, cost, decisions, documents = {}, {}, {}, {}
     for label in labels:

@@ -8,7 +8,6 @@ batch of KV caches for incremental decoding.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import logging
 import os
@@ -47,25 +46,6 @@ class MemberSpec:
             raise ValueError(f"member {entry!r} has no model: give a hub id, a local path, a preset name or a dict with 'pretrained'")
         known = {k: options.pop(k) for k in ("pretrained", "device", "dtype", "gguf_file", "trust_remote_code") if k in options}
         return cls(**known, extra=options)
-
-
-def parse_list(value) -> list:
-    """A list from model_args: a real list (JSON on the command line), or the string `[a,b]`
-    that the harness passes for unquoted items."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    text = str(value).strip()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            parsed = ast.literal_eval(text)
-            if isinstance(parsed, (list, tuple)):
-                return list(parsed)
-        except (ValueError, SyntaxError):
-            pass
-        return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def resolve_device(device: str | None) -> str:

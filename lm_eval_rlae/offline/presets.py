@@ -162,7 +162,7 @@ PRESETS: dict[str, Preset] = {
 
 
 # Specialists: a base preset plus a LoRA adapter committed in this package (built by
-# `rlae-build-specialists`, trainer/specialists.py, on the train splits of the offline tasks).
+# `rlae-build-specialists`, trainer/specialists/build.py, on the train splits of the offline tasks).
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 SPECIALIST_PRESETS: dict[str, str] = {  # name -> base preset
     "smollm2-135m-math": "smollm2-135m",

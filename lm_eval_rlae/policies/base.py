@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lm_eval_rlae.engine.members import parse_list
+from lm_eval_rlae.model_args import parse_list
 
 
 @dataclass

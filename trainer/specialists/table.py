@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lm_eval_rlae.compare.stats import wilson
 from lm_eval_rlae.demo import compare
-from trainer.specialists import SPECIALISTS
+from trainer.specialists.build import SPECIALISTS
 
 PRIMARY_METRICS = ("acc,none", "exact_match,numeric")  # multiple choice; numeric generation
 TASKS = [task for config in SPECIALISTS.values() for task in config.tasks]  # both skill sets, in table order

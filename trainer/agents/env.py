@@ -2,10 +2,10 @@
 
 An episode is one document; an action is one weight per member (any non-negative vector,
 normalised here as `WeightPolicy` normalises); the reward, at the episode's end, is the task's own
-metric (`trainer.tasks`).
+metric (`trainer.agents.tasks`).
 
 - Multiple-choice document: one step. The observation is the state at the end of the context; the
-  step mixes the members' cached scores of every choice under the action (`trainer.scores`, the
+  step mixes the members' cached scores of every choice under the action (`trainer.agents.scores`, the
   very arithmetic `--model rlae` scores with) and ends the episode. No LLM runs.
 - Generation document: one step per span. Rows reset together form a cohort, one
   `fusion.Generation` whose members' forward passes are batched; a step advances every cohort by
@@ -31,8 +31,8 @@ import torch
 
 from lm_eval_rlae.engine.fusion import FusionEngine, Generation, mix
 from lm_eval_rlae.policies.state import StateFeatures
-from trainer.scores import ScoredDocument
-from trainer.tasks import Document, TaskData
+from trainer.agents.scores import ScoredDocument
+from trainer.agents.tasks import Document, TaskData
 
 
 @dataclass

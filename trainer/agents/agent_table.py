@@ -47,7 +47,7 @@ AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-speciali
 def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str, tuple[str, typing.Callable]]:
     """label -> (what it is, exactly: the key a finished run is reused by; weights from obs)."""
     from lm_eval_rlae.policies.agent import AgentPolicy, agent_dir
-    from trainer.train import agent_weights, constant
+    from trainer.agents.run import agent_weights, constant
 
     names = list(run.config.members)
     out = {f"{name} alone": (_weights(np.eye(len(names))[m]), constant(np.eye(len(names))[m])) for m, name in enumerate(names)}
@@ -147,7 +147,7 @@ def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.train import Run, load_config
+    from trainer.agents.run import Run, load_config
 
     parser = argparse.ArgumentParser(prog="rlae-agent-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("trainer/configs/specialists.yaml"), help="the agents' rlae-train config (members, tasks, state)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from trainer.train import Run, constant, load_config, summary
+from trainer.agents.run import Run, constant, load_config, summary
 
 
 def simplex_grid(n_members: int, step: float) -> list[tuple[float, ...]]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lm_eval_rlae.engine.fusion import FusionEngine, Scored
 from lm_eval_rlae.policies.state import STATE_VERSION, StateFeatures
-from trainer.tasks import Document, TaskData
+from trainer.agents.tasks import Document, TaskData
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1

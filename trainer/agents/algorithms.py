@@ -82,7 +82,7 @@ class MAPPO(PPO):
 
 def build(algorithm: str, actor: nn.Module, layout: StateLayout, network: NetworkConfig, hp) -> PPO:
     """The Tianshou algorithm around the runtime's actor (`JointActor` for ppo, `MemberActors` for
-    mappo). `hp`: the PPO hyperparameters (`trainer.train.TrainConfig`)."""
+    mappo). `hp`: the PPO hyperparameters (`trainer.agents.train.TrainConfig`)."""
     n_members = actor.n_members
     high = 1.0 if algorithm == "ppo" else np.inf
     policy = ProbabilisticActorPolicy(

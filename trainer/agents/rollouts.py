@@ -15,7 +15,7 @@ restarted worker. The learner's state never leaves the learner, so none of it is
 
 Why not Tianshou's `RayVectorEnv`: it puts one gym env on each actor and steps each actor one row at
 a time. Here a worker's rows share the members' batched forward passes, which is what makes a
-generation step affordable (`trainer.env`), so the unit of distribution is a batch of rows.
+generation step affordable (`trainer.agents.env`), so the unit of distribution is a batch of rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from trainer.env import row_ids
+from trainer.agents.env import row_ids
 
 logger = logging.getLogger("rlae-train")
 
@@ -45,7 +45,7 @@ class RolloutWorker:
     """The training env of one share of the rows (a Ray actor)."""
 
     def __init__(self, config):
-        from trainer.train import Run
+        from trainer.agents.run import Run
 
         self.run = Run(config, splits=("train",))
 

@@ -1,0 +1,1 @@
+"""The specialist LoRA adapters: `build` (`rlae-build-specialists`) and their table (`rlae-specialist-table`)."""
