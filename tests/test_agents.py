@@ -406,3 +406,95 @@ def test_config_flags_override_the_yaml(tmp_path):
     assert (config.lr, config.hidden, config.algorithm, config.out) == (0.5, [32], "mappo", str(Path("runs") / "c-mappo"))
     with pytest.raises(SystemExit, match="unknown config keys"):
         load_config(path, {"learning_rate": 1})
+
+
+# ----------------------------------------------------------------------------- leave-tasks-out
+
+
+def test_held_out_tasks_are_never_trained_on_nor_selected_on(tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
+    """A held-out task is never drawn by the training env, never validated on (so it picks no epoch) and
+    is named in the checkpoint as held out; its test split is still read, for the table."""
+    from trainer.agents.env import EnsembleEnv
+    from trainer.agents.run import Run
+
+    seen = []
+    reset = EnsembleEnv.reset
+
+    def recording_reset(self, env_id=None, documents=None, **kwargs):
+        out = reset(self, env_id, documents, **kwargs)
+        seen.extend(self.episodes[row].document.task.name for row in (range(self.n_rows) if env_id is None else np.atleast_1d(env_id)))
+        return out
+
+    monkeypatch.setattr(EnsembleEnv, "reset", recording_reset)
+    config = _config(bpe_member, sp_member, route_tasks, tmp_path / "run", holdout=["route_gen"], rows=8, updates_per_epoch=2, epochs=1, val_docs=8)
+    out = train(config)
+    assert seen and set(seen) == {"route_mc"}
+    history = json.loads((out / "validation.json").read_text())
+    assert set(history["epochs"][0]["validation"]) == set(history["baselines"]["uniform"]) == {"route_mc", "mean"}
+    spec, _ = load_agent(str(out / "best"))
+    assert (list(spec.training["tasks"]), spec.training["held_out"]) == (["route_mc"], ["route_gen"])
+    test = Run(dataclasses.replace(config, test_docs=4), splits=("test",))
+    assert list(test.tasks["test"]) == ["route_mc", "route_gen"]
+
+
+def test_best_fixed_weights_are_chosen_on_the_tasks_trained_on_alone():
+    from trainer.agents.fixed_weights import best_on
+
+    search = {"tasks": ["a", "b"], "points": [
+        {"weights": [1.0, 0.0], "validation": {"a": 0.9, "b": 0.0, "mean": 0.45}},
+        {"weights": [0.5, 0.5], "validation": {"a": 0.5, "b": 0.5, "mean": 0.50}},
+        {"weights": [0.0, 1.0], "validation": {"a": 0.1, "b": 0.8, "mean": 0.45}},
+    ]}
+    assert best_on(search, ["a", "b"]) == [0.5, 0.5]
+    assert best_on(search, ["a"]) == [1.0, 0.0]
+    assert best_on(search, ["b"]) == [0.0, 1.0]
+    with pytest.raises(SystemExit, match="no validation scores of"):
+        best_on(search, ["a", "c"])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(holdout=["nope"]), "not in tasks"),
+        (dict(folds=[["route_mc"], ["route_mc", "route_gen"]]), "share tasks"),
+        (dict(folds=[["route_mc"]], fold=1), "choose 0..0"),
+        (dict(holdout=["route_mc", "route_gen"]), "nothing is left to train on"),
+    ],
+)
+def test_bad_holdout_or_folds_are_refused(tmp_path, bpe_member, sp_member, route_tasks, fields, message):
+    with pytest.raises(SystemExit, match=message):
+        _config(bpe_member, sp_member, route_tasks, tmp_path / "run", **fields)
+
+
+def test_rlae_folds_scores_every_task_with_the_agents_that_never_saw_it(tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
+    """Two folds over the two route tasks: each fold's agent trains on the other task alone, its fixed
+    weights are the search's best on the other task's validation, and the pooled table holds each task
+    once, from its own fold."""
+    import yaml
+
+    from trainer.agents import folds
+    from trainer.agents.fixed_weights import best_on, search
+    from trainer.agents.run import Run
+
+    small = dict(rows=8, updates_per_epoch=1, epochs=1, val_docs=8, test_docs=6, folds=[["route_mc"], ["route_gen"]])
+    config = _config(bpe_member, sp_member, route_tasks, tmp_path / "unused", **small)
+    fixed = tmp_path / "best_fixed.json"
+    fixed.write_text(json.dumps(search(Run(config, splits=("validation",)), 0.5)))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "fold")}))
+    evaluated, real = [], folds.method_scores
+    monkeypatch.setattr(folds, "method_scores", lambda run, fixed, agents, reuse: evaluated.append((list(run.tasks["test"]), fixed, agents))
+                        or real(run, fixed, agents, reuse=reuse))
+    assert folds.main(["--config", str(path), "--algorithms", "ppo", "--test_docs", "6", "--fixed", str(fixed),
+                       "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert sorted(result["tasks"]) == ["route_gen", "route_mc"]
+    search_result = json.loads(fixed.read_text())
+    for k, (tasks, weights, agents) in enumerate(evaluated):
+        held_out = small["folds"][k]
+        assert tasks == held_out
+        assert weights == best_on(search_result, [t for t in ("route_mc", "route_gen") if t not in held_out])
+        spec, _ = load_agent(agents["RLAE_PPO"])
+        assert list(spec.training["tasks"]) == [t for t in ("route_mc", "route_gen") if t not in held_out]
+    assert [row["tasks"] for row in result["folds"]] == small["folds"]
+    assert (tmp_path / "out" / "transfer.png").is_file()

@@ -15,6 +15,7 @@ members have a token boundary, and the weighted mixture is taken per segment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,7 +135,7 @@ class FusionEngine:
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         """log p(continuation | context) under the mixture, and whether it is greedy (see `mix`)."""
         scored = self.score(requests)
-        return mix(scored, self.policy(self.decision_state(scored, [context for context, _ in requests])))
+        return mix(scored, self.policy(self.decision_state(scored, requests)))
 
     def score(self, requests: list[tuple[str, str]]) -> list[list[Scored]]:
         """Each member's score of each (context, continuation): M x [R]. With `decision_state` and
@@ -144,8 +145,11 @@ class FusionEngine:
             for member in self.members
         ]
 
-    def decision_state(self, scored: list[list[Scored]], contexts: list[str]) -> PolicyState:
-        """The policy's state at the end of each request's context (span 0, nothing generated)."""
+    def decision_state(self, scored: list[list[Scored]], requests: list[tuple[str, str]]) -> PolicyState:
+        """The policy's state at the end of each request's context (span 0, nothing generated), with
+        every member's log-likelihood of each continuation its context is scored with (the choices of
+        a multiple-choice question: the harness sends them together)."""
+        contexts = [context for context, _ in requests]
         batch = len(contexts)
         return PolicyState(
             member_logprobs=[torch.stack([s.decision_logprobs for s in per_member]) for per_member in scored],
@@ -154,6 +158,7 @@ class FusionEngine:
             contexts=contexts,
             generated=["" for _ in range(batch)],
             prompt_logppl=torch.tensor([[s.context_logppl for s in per_member] for per_member in scored]).T if self.policy.needs_prompt_perplexity else None,
+            candidate_logprobs=candidate_logprobs(scored, requests),
         )
 
     @torch.no_grad()
@@ -176,7 +181,7 @@ class FusionEngine:
                 for string in strings
             ]
             scored.append(self._score(member, windows))
-        weights = self.policy(self.decision_state(scored, ["" for _ in strings]))
+        weights = self.policy(self.decision_state(scored, [("", string) for string in strings]))
         return [logprob for logprob, _ in mix(scored, weights)]
 
     def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[Scored]:
@@ -492,6 +497,26 @@ def _groups(windows: list[tuple[list[int], list[int]]], max_positions: int):
         size += len(window[1])
     if group:
         yield group
+
+
+def candidate_logprobs(scored: list[list[Scored]], requests: list[tuple[str, str]]) -> list[torch.Tensor] | None:
+    """M x [R, K]: each member's log-likelihood of the K distinct continuations that request r's context
+    is scored with, in order of first appearance (-inf past a context's own); None when no context has
+    more than one (nothing to choose between: rolling loglikelihoods, single answers)."""
+    candidates: dict[str, dict[str, int]] = {}  # context -> {continuation: its first request}
+    for r, (context, continuation) in enumerate(requests):
+        candidates.setdefault(context, {}).setdefault(continuation, r)
+    width = max(map(len, candidates.values()))
+    if width < 2:
+        return None
+    out = []
+    for per_member in scored:
+        totals = torch.full((len(requests), width), -math.inf, dtype=torch.float64)
+        for r, (context, _) in enumerate(requests):
+            firsts = list(candidates[context].values())
+            totals[r, : len(firsts)] = torch.tensor([float(per_member[i].token_logprobs.sum()) for i in firsts], dtype=torch.float64)
+        out.append(totals)
+    return out
 
 
 def mix(scored: list[list[Scored]], weights: torch.Tensor) -> list[tuple[float, bool]]:

@@ -29,6 +29,9 @@ class PolicyState:
     prompt_logppl:   [B, M]        each member's log-perplexity of the prompt: mean negative
                      log-likelihood per token of its own tokens after the first (None unless the
                      policy sets `needs_prompt_perplexity`)
+    candidate_logprobs: M x [B, K] when scoring: each member's log-likelihood of every continuation
+                     the row's context is scored with (a question's choices), -inf past its own;
+                     None while generating, or when no context has more than one continuation
     """
 
     member_logprobs: list[torch.Tensor]
@@ -37,6 +40,7 @@ class PolicyState:
     contexts: list[str]
     generated: list[str]
     prompt_logppl: torch.Tensor | None = None
+    candidate_logprobs: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:

