@@ -82,11 +82,14 @@ class EnsembleEnv:
         n_rows: int,
         span_length: int,
         samplers: list[DocumentSampler] | None = None,  # [n_rows]: where each row's documents come from
+        reward_baseline: list[float] | None = None,  # [M] fixed weights: see `_baseline_reward`
     ):
         if samplers is not None and len(samplers) != n_rows:
             raise ValueError(f"{len(samplers)} samplers for {n_rows} rows")
         self.engine, self.features, self.tasks, self.scored = engine, features, tasks, scored
         self.n_rows, self.span_length, self.samplers = n_rows, span_length, samplers
+        self.reward_baseline = None if reward_baseline is None else torch.tensor(reward_baseline, dtype=torch.float32) / sum(reward_baseline)
+        self._baseline_rewards: dict[tuple[str, str], float] = {}  # (task, document key) -> its reward under the baseline
         self.n_members = len(engine.members)
         self.action_space = gym.spaces.Box(0.0, np.inf, (self.n_members,), dtype=np.float32)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (features.layout.size,), dtype=np.float32)
@@ -131,8 +134,7 @@ class EnsembleEnv:
         for i, row in enumerate(ids):
             episode = self.episodes[row]
             if episode.cohort is None:  # multiple choice: mix the cached scores and finish
-                choices = len(episode.scored.scored[0])
-                reward[i] = episode.document.reward(mix(episode.scored.scored, weights[i].expand(choices, -1)))
+                reward[i] = self._mixed_reward(episode, weights[i]) - self._baseline_reward(episode)
                 obs[i], done[i] = episode.scored.obs, True
             else:
                 by_cohort.setdefault(id(episode.cohort), []).append(i)
@@ -154,6 +156,23 @@ class EnsembleEnv:
         for i in np.flatnonzero(done):
             self.episodes[ids[i]] = None  # a finished cohort is freed with its last row
         return obs, reward, done, np.zeros(len(ids), dtype=bool), np.array(infos)
+
+    def _mixed_reward(self, episode: _Episode, weights: torch.Tensor) -> float:
+        choices = len(episode.scored.scored[0])
+        return episode.document.reward(mix(episode.scored.scored, weights.expand(choices, -1)))
+
+    def _baseline_reward(self, episode: _Episode) -> float:
+        """With `reward_baseline` (fixed weights), a multiple-choice document's reward is the task's metric
+        minus what those weights score on it: the document's own baseline, free from the cached scores. The
+        policy gradient stays the same in expectation (the baseline does not depend on the action), but
+        documents every weighting gets right, or wrong, stop adding noise, and what is left is where the
+        weights matter. Generation documents keep the metric itself (their baseline would cost a decode)."""
+        if self.reward_baseline is None:
+            return 0.0
+        key = (episode.document.task.name, episode.document.key)
+        if key not in self._baseline_rewards:
+            self._baseline_rewards[key] = self._mixed_reward(episode, self.reward_baseline)
+        return self._baseline_rewards[key]
 
     def _info(self, row: int) -> dict:
         episode = self.episodes[row]

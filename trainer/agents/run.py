@@ -62,6 +62,8 @@ class TrainConfig:
     alpha_min: float = 0.2
     alpha_max: float = 200.0
     baselines: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # fixed weights shown beside the agent
+    reward_baseline: list[float] | None = None  # fixed weights whose reward on a multiple-choice document is
+    # subtracted from the agent's there (trainer.agents.env.EnsembleEnv._baseline_reward); None: the metric alone
     eval_rows: int = 64  # documents decoded together when validating
     seed: int = 1234
     device: str | None = None  # members' device (default: the GPU if there is one)
@@ -149,7 +151,9 @@ class Run:
         }
         if "train" in splits:
             self.samplers, rows = _row_samplers(self.tasks["train"], c.training_tasks(), c.rows, c.mc_rows, c.seed)
-            self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], len(rows), c.span_length, rows)
+            self.env = EnsembleEnv(
+                self.engine, self.features, self.tasks["train"], self.scored["train"], len(rows), c.span_length, rows, c.reward_baseline
+            )
         # Evaluation splits: every document once, decoded `eval_rows` at a time.
         self.eval_envs = {
             split: EnsembleEnv(self.engine, self.features, self.tasks[split], self.scored[split], c.eval_rows, c.span_length)
