@@ -64,7 +64,7 @@ class DecisionLog:
 
     def add(self, request, members: list[str], weights: np.ndarray) -> None:
         """One run of a harness request: its weights [S, M], one row per decision."""
-        if request.task_name is None:  # not from a task (e.g. the benchmark's requests): no samples to sit beside
+        if request.task_name is None:  # not from a task (e.g. the benchmark's): no samples to sit beside
             return
         task = self.records.setdefault(request.task_name, {})
         repeat = 0
@@ -122,7 +122,7 @@ class Recorder:
         """Around one engine call whose batch rows are `requests`, in order: records every weight
         decision of the call for its row's request (a policy that ignores the state is not recorded)."""
         policy = self.engine.policy
-        if not policy.reads_state:
+        if not policy.reads_state or all(request.task_name is None for request in requests):
             yield
             return
         calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per decision: weights [B, M], live rows [B] or None
