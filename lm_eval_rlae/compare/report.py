@@ -138,6 +138,7 @@ def weight_plots(decisions: dict[str, dict[str, dict[str, dict[int, list[float]]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = short_names(members)
     written = []
@@ -151,6 +152,7 @@ def weight_plots(decisions: dict[str, dict[str, dict[str, dict[int, list[float]]
             for m, name in enumerate(names):
                 axes[0].plot(spans, [per_doc[(task, doc)][s][m] for s in spans], color=f"C{k}", linestyle=("-", "--", ":", "-.")[m % 4],
                              marker="o", markersize=3, label=f"{task.removeprefix('bb_')} #{doc}, {name}")
+        axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # spans are counted
         axes[0].set_xlabel("span (decision) index")
         axes[0].set_ylabel("weight")
         axes[0].set_ylim(-0.02, 1.02)
