@@ -9,6 +9,8 @@
   and the presets' own tokenizers ("smollm2-135m", "gemma3-270m"; no model is loaded)
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
+- ``device``: runs a test on each device present: ``cpu``, and ``cuda`` (marked ``cuda``) where
+  ``torch.cuda.is_available()``, skipped with the reason otherwise; ``make gpu-check`` runs ``-m cuda``
 
 Everything is built once per session under pytest's tmp dirs, offline.
 """
@@ -25,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
@@ -32,6 +35,14 @@ if str(_TESTS_DIR) not in sys.path:
 
 import tiny_models  # noqa: E402
 import tiny_tasks  # noqa: E402
+
+
+NO_CUDA = f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda})"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])])
+def device(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")

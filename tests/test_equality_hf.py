@@ -5,6 +5,8 @@ that member's results as `--model hf` computes them (loglikelihoods within 1e-4,
 is_greedy, rolling loglikelihoods within 1e-4 or 1e-5 relative, identical greedy generations).
 A heterogeneous ensemble does not depend on batch size or request order and generates valid text.
 The command-line forms of `members` work, and `lm_eval --model rlae` runs next to `--model hf`.
+The strongest equalities (one member, one-hot weights, a sliding-window member in mixed batches) run
+on every device present (the `device` fixture: CUDA where there is one).
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def assert_valid_text(samples: dict, label: str) -> None:
             assert "\n" not in text, f"{label} {doc_id}: the stop string was not cut: {text!r}"
 
 
-def hf(path):
-    return {"pretrained": path, "device": "cpu"}
+def hf(path, device="cpu"):
+    return {"pretrained": path, "device": device}
 
 
 def rlae(members, **kwargs):
@@ -96,14 +98,14 @@ def members(bpe_member, sp_member):
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
-def test_one_member_equals_hf(run_eval, members, kind, batch_size):
+def test_one_member_equals_hf(run_eval, members, kind, batch_size, device):
     # batch size 1 on the scoring tasks only: one-by-one generation is the slow part, and batched
     # generation (4) is the harder case for equality anyway
     tasks = ALL if batch_size > 1 else ["tiny_mc", "tiny_roll"]
-    want = run_eval("hf", hf(members[kind]), ALL)
-    got = run_eval("rlae", rlae([members[kind]]), tasks, batch_size=batch_size)
+    want = run_eval("hf", hf(members[kind], device), ALL)
+    got = run_eval("rlae", rlae([members[kind]], device=device), tasks, batch_size=batch_size)
     for task in tasks:
-        assert_same_samples(task, got[task], want[task], f"rlae[{kind}] bs={batch_size} vs hf[{kind}]")
+        assert_same_samples(task, got[task], want[task], f"rlae[{kind}] bs={batch_size} vs hf[{kind}] on {device}")
 
 
 def test_one_member_with_logits_wider_than_its_tokenizer_equals_hf(run_eval, bpe_padded_member, bpe_member):
@@ -145,13 +147,13 @@ def test_gate_zero_is_the_first_member_alone(run_eval, members):
 
 
 @pytest.mark.parametrize("hot", [0, 1])
-def test_one_hot_weights_equal_that_member(run_eval, members, hot):
+def test_one_hot_weights_equal_that_member(run_eval, members, hot, device):
     kind = ["bpe", "sp"][hot]
     weights = [1.0, 0.0] if hot == 0 else [0.0, 1.0]
-    want = run_eval("hf", hf(members[kind]), ALL)
-    got = run_eval("rlae", rlae([members["bpe"], members["sp"]], weights=weights), ALL, batch_size=4)
+    want = run_eval("hf", hf(members[kind], device), ALL)
+    got = run_eval("rlae", rlae([members["bpe"], members["sp"]], weights=weights, device=device), ALL, batch_size=4)
     for task in ALL:
-        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp] weights={weights} vs hf[{kind}]")
+        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp] weights={weights} vs hf[{kind}] on {device}")
 
 
 def test_one_hot_weights_from_the_command_line_form(run_eval, members):
@@ -226,13 +228,20 @@ SLIDING_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def sliding_hf_alone(sp_sliding_member):
-    """hf's generation for each prompt alone (batch size 1: no padding at all)."""
+    """device -> hf's generation for each prompt alone (batch size 1: no padding at all)."""
     from lm_eval.models.huggingface import HFLM
 
-    return tiny_tasks.generate(HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=1), SLIDING_PROMPTS)
+    made = {}
+
+    def alone(device):
+        if device not in made:
+            made[device] = tiny_tasks.generate(HFLM(pretrained=sp_sliding_member, device=device, batch_size=1), SLIDING_PROMPTS)
+        return made[device]
+
+    return alone
 
 
-def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding_member, bpe_member, sliding_hf_alone):
+def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding_member, bpe_member, sliding_hf_alone, device):
     """Gemma-style sliding-window layers count cache slots: every row of a batch must see its own
     last 8 tokens whatever its neighbours' lengths, as in hf's left-padded batches. The member
     alone at every batch size, two copies of it and one-hot weights on it all give hf's text."""
@@ -243,19 +252,19 @@ def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding
     tokenizer = AutoTokenizer.from_pretrained(sp_sliding_member)
     lengths = [len(tokenizer(p).input_ids) for p in SLIDING_PROMPTS]
     assert min(lengths) < 8 and max(lengths) > 300, lengths  # the window bites, and the mix is wide
-    everything = len(SLIDING_PROMPTS)
-    hf_batched = HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=everything)
-    assert tiny_tasks.generate(hf_batched, SLIDING_PROMPTS) == sliding_hf_alone  # hf itself is batch-size independent
-    alone = get_model("rlae")(members=[sp_sliding_member], device="cpu")
+    everything, want = len(SLIDING_PROMPTS), sliding_hf_alone(device)
+    hf_batched = HFLM(pretrained=sp_sliding_member, device=device, batch_size=everything)
+    assert tiny_tasks.generate(hf_batched, SLIDING_PROMPTS) == want  # hf itself is batch-size independent
+    alone = get_model("rlae")(members=[sp_sliding_member], device=device)
     for batch_size in (1, 2, 3, everything):
         alone.batch_size = batch_size
-        assert tiny_tasks.generate(alone, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae[sp_sliding] batch_size={batch_size}"
+        assert tiny_tasks.generate(alone, SLIDING_PROMPTS) == want, f"rlae[sp_sliding] batch_size={batch_size} on {device}"
     for label, model_args in {
         "copies": dict(members=[sp_sliding_member, sp_sliding_member]),
         "one-hot": dict(members=[bpe_member, sp_sliding_member], weights=[0.0, 1.0]),
     }.items():
-        lm = get_model("rlae")(**model_args, device="cpu", batch_size=everything)
-        assert tiny_tasks.generate(lm, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae {label} batch_size={everything}"
+        lm = get_model("rlae")(**model_args, device=device, batch_size=everything)
+        assert tiny_tasks.generate(lm, SLIDING_PROMPTS) == want, f"rlae {label} batch_size={everything} on {device}"
 
 
 # ---------------------------------------------------------------------------- heterogeneous

@@ -1,4 +1,5 @@
-"""The fusion engine's own invariants, on the two tiny members of different tokenizer families."""
+"""The fusion engine's own invariants, on the two tiny members of different tokenizer families.
+Those that read scores, hidden states and caches run on every device present (`device`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,21 @@ CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
 
 
 @pytest.fixture(scope="module")
-def members(bpe_member, sp_member):
-    return [Member(MemberSpec.parse(path, {"device": "cpu"})) for path in (bpe_member, sp_member)]
+def members_on(bpe_member, sp_member):
+    """device -> the two tiny members on it, loaded once per device."""
+    made = {}
+
+    def on(device):
+        if device not in made:
+            made[device] = [Member(MemberSpec.parse(path, {"device": device})) for path in (bpe_member, sp_member)]
+        return made[device]
+
+    return on
+
+
+@pytest.fixture(scope="module")
+def members(members_on):
+    return members_on("cpu")
 
 
 def _generation(members, policy, contexts=CONTEXTS, max_gen_toks=24, span_length=4, **decoding):
@@ -253,7 +267,8 @@ class _HiddenStatePolicy(WeightPolicy):
         return torch.ones(state.batch_size, self.n_members)
 
 
-def test_policies_can_read_final_hidden_states(members):
+def test_policies_can_read_final_hidden_states(members_on, device):
+    members = members_on(device)
     policy = _HiddenStatePolicy(members)
     engine = FusionEngine(members, policy)
     engine.generate(["The quick brown fox"], Decoding(until=[], max_gen_toks=4))
@@ -278,15 +293,16 @@ class _RecordingPerplexity(PerplexityPolicy):
 @torch.no_grad()
 def _logppl(member, text: str) -> float:
     """Mean -log p of the member's tokens of `text` after the first, from one plain forward over them."""
-    ids = torch.tensor([member.lm.tok_encode(text)])
+    ids = torch.tensor([member.lm.tok_encode(text)], device=member.device)
     logprobs = member.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
     return float(-logprobs.gather(-1, ids[0, 1:, None]).mean())
 
 
-def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members):
+def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members_on, device):
     """`weights=perplexity`: softmax(-log-perplexity / T) of each member's own reading of the prompt,
     taken from the forward pass the engine runs anyway, the same when generating and when scoring,
     rows of different lengths in one batch."""
+    members = members_on(device)
     prompts = ["The quick brown fox", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12"]
     expected = torch.tensor([[_logppl(member, prompt) for member in members] for prompt in prompts])  # [B, M]
     policy = _RecordingPerplexity(len(members), temperature=0.5)
@@ -295,8 +311,8 @@ def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members):
     engine.loglikelihood([(prompt, " jumps") for prompt in prompts])
     assert len(policy.seen) == 3  # two spans of generation, one scoring batch
     for logppl, weights in policy.seen:
-        torch.testing.assert_close(logppl, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(weights, torch.softmax(-expected / 0.5, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logppl.cpu(), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(weights.cpu(), torch.softmax(-expected / 0.5, -1), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(policy.seen[0][1][0], policy.seen[0][1][1])  # the prompts get different weights
 
 
@@ -309,9 +325,10 @@ def test_perplexity_of_a_head_it_cannot_read_is_refused(bpe_member):
         FusionEngine([member, member], PerplexityPolicy(2)).loglikelihood([("The quick brown fox", " jumps")])
 
 
-def test_members_the_gate_skipped_catch_up_exactly(members, monkeypatch):
+def test_members_the_gate_skipped_catch_up_exactly(members_on, device, monkeypatch):
     """With the confidence gate, the second member skips the steps the first decides alone and later
     catches up on them in one forward: its cache then reads every token as if fed one by one."""
+    members = members_on(device)
     forwards = {member.name: 0 for member in members}
     for member in members:
         original = member.forward

@@ -43,7 +43,8 @@ from lm_eval_rlae.files import read_json, write_text
 
 class Runs:
     """The finished (method, task) runs under `root`, each a JSON with its key, per-document scores
-    and the contexts of each document's requests; cost and weight decisions per method."""
+    and the harness run it came from (whose output holds the samples, the cost, and an agent's
+    weight decisions)."""
 
     def __init__(self, root: Path, config: CompareConfig):
         self.root, self.config = root, config
@@ -100,21 +101,18 @@ class Runs:
 
 
 def _samples(harness_out: Path) -> dict[str, dict]:
-    """{task: {"metric", "scores": {doc_id: value}, "contexts": {doc_id: [context key]}}} from the
-    logged samples, with each task's first metric under its first filter."""
-    from lm_eval_rlae.compare.worker import context_key
-
+    """{task: {"metric", "filter", "scores": {doc_id: value}}} from the logged samples, with each
+    task's first metric under its first filter."""
     out: dict[str, dict] = {}
     for path in sorted(harness_out.rglob("samples_*.jsonl")):
         task = re.sub(r"^samples_(.+)_\d{4}-\d\d-\d\dT.*$", r"\1", path.stem)
         for line in path.read_text().splitlines():
             sample = json.loads(line)
-            entry = out.setdefault(task, {"metric": sample["metrics"][0], "filter": sample["filter"], "scores": {}, "contexts": {}})
+            entry = out.setdefault(task, {"metric": sample["metrics"][0], "filter": sample["filter"], "scores": {}})
             if sample["filter"] != entry["filter"]:
                 continue
             doc = str(sample["doc_id"])
             entry["scores"][doc] = float(sample[entry["metric"]])
-            entry["contexts"][doc] = sorted({context_key(args["arg_0"]) for args in sample["arguments"].values()})
     return out
 
 

@@ -320,6 +320,7 @@ class Generation:
             contexts=self.contexts,
             generated=self.texts(),
             prompt_logppl=torch.stack([stream.prompt_logppl for stream in self.streams], -1) if self.engine.policy.needs_prompt_perplexity else None,
+            live=torch.tensor([not row.done for row in self.rows]),
         )
 
     @torch.no_grad()

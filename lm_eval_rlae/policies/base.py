@@ -32,6 +32,8 @@ class PolicyState:
     candidate_logprobs: M x [B, K] when scoring: each member's log-likelihood of every continuation
                      the row's context is scored with (a question's choices), -inf past its own;
                      None while generating, or when no context has more than one continuation
+    live:            [B] bool      rows still decoding; a finished row's weights are not used
+                     (None: every row, as when scoring)
     """
 
     member_logprobs: list[torch.Tensor]
@@ -41,6 +43,7 @@ class PolicyState:
     generated: list[str]
     prompt_logppl: torch.Tensor | None = None
     candidate_logprobs: list[torch.Tensor] | None = None
+    live: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
