@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lm_eval_rlae.files import write_text
 from trainer.agents.run import Run, constant, load_config, summary
 
 
@@ -53,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, {"val_docs": args.val_docs})
     out = args.out or Path("runs") / f"{args.config.stem}-fixed"
     result = search(Run(config, splits=("validation",)), args.step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "best_fixed.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / "best_fixed.json", json.dumps(result, indent=2) + "\n")  # whole: `make compare` skips the search when it exists
     weights = ",".join(f"{w:g}" for w in result["best"]["weights"])
     print(f"best fixed weights on validation: weights=[{weights}] (mean {result['best']['validation']['mean']:.4f}); written {out / 'best_fixed.json'}")
     return 0

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from lm_eval_rlae import dataclass_config
+from lm_eval_rlae.files import write_text
 from lm_eval_rlae.policies.agent import save_agent
 from trainer.agents.run import Run, TrainConfig, agent_weights, constant, load_config, summary
 
@@ -52,11 +53,14 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
     from tianshou.utils.torch_utils import policy_within_training_step, torch_train_mode
     from torch.utils.tensorboard import SummaryWriter
 
-    from trainer.agents.checkpoint import load_state, save_state
+    from trainer.agents.checkpoint import CheckpointError, load_state, save_state
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = None if restart else load_state(out / "checkpoint")
+    try:
+        saved = None if restart else load_state(out / "checkpoint")
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from error
     if saved is not None and not config.resumable_from(saved["config"]):
         raise SystemExit(f"{out}/checkpoint is from another config; run with --restart to start over, or give another --out")
     from trainer.agents.algorithms import build
@@ -140,7 +144,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         if validation["mean"] > best:
             best = validation["mean"]
             save_agent(out / "best", spec, policy.actor)
-        (out / "validation.json").write_text(json.dumps(history, indent=2) + "\n")
+        write_text(out / "validation.json", json.dumps(history, indent=2) + "\n")
         save_state(
             out / "checkpoint",
             {
