@@ -181,7 +181,7 @@ def test_a_mapped_split_is_cached_under_the_split_read(tasks_dir, tmp_path):
     cache.documents(first["mx_dev_1"])
     cache.documents(second["mx_dev_1"])
     assert cache.scored == [*_ids(first["mx_dev_1"]), *_ids(second["mx_dev_1"])]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["mx_dev_1.dev.safetensors", "mx_dev_1.validation.safetensors"]
+    assert sorted(path.name for path in tmp_path.glob("*.safetensors")) == ["mx_dev_1.dev.safetensors", "mx_dev_1.validation.safetensors"]
 
 
 @pytest.mark.parametrize(
