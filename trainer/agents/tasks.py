@@ -226,8 +226,8 @@ class TaskMixture:
         for leaf, task in self.tasks.items():
             metric = next((value for key, value in (metrics or {}).items() if self._matches(key, leaf)), None)
             read = self.reads[leaf][role]
-            if role == "validation":
-                read = _without(task, read, self.reads[leaf]["train"]) if "train" in self.reads[leaf] else read
+            if role == "validation" and "train" in self.reads[leaf]:
+                read = _without(task, read, self.reads[leaf]["train"])
             out[leaf] = TaskData(task, leaf, read, metric=metric, limit=limit)
             logger.info("%s (%s: %s): %d documents, metric %s", leaf, role, out[leaf].split, len(out[leaf]), out[leaf].metric)
         return out
@@ -277,10 +277,11 @@ class TaskMixture:
         available = sorted({split for leaf in leaves for split in self.tasks[leaf].dataset})
         dataset, test = self.tasks[leaves[0]].dataset, self.tasks[leaves[0]].config.test_split
         source = max((split for split in dataset if split != test), key=lambda split: len(dataset[split]), default=test)  # the largest but test
+        example = f"{{test: {source}}}" if role == "test" else f"{{train: '{source}[:80%]', validation: '{source}[80%:]'}}"
         raise ValueError(
             f"{', '.join(named)}: no split to {'train on' if role == 'train' else f'serve {role}'} (the task config names none, and "
             f"splits maps none; the datasets have {', '.join(available)}). Map one in the config, e.g. "
-            f"splits: {{{self.entry_of[leaves[0]]}: {{train: '{source}[:80%]', validation: '{source}[80%:]'}}}}"
+            f"splits: {{{self.entry_of[leaves[0]]}: {example}}}"
         )
 
 
@@ -307,8 +308,11 @@ def _group_shares(group, ratio: float) -> dict[str, float]:
     """{leaf: its share of `ratio`}, as the group's own score weighs its leaves (see TaskMixture)."""
     from lm_eval.api.group import Group
 
-    if not group.has_aggregation:
-        return {leaf: share for child in group for leaf, share in (_group_shares(child, ratio) if isinstance(child, Group) else {child.task_name: ratio}).items()}
+    if not group.has_aggregation:  # no score of its own: each child is weighed apart
+        shares = {}
+        for child in group:
+            shares |= _group_shares(child, ratio) if isinstance(child, Group) else {child.task_name: ratio}
+        return shares
     leaves = group.get_all_tasks()
     sizes = [len(leaf.eval_docs) if group.aggregate_metric_list[0].weight_by_size else 1 for leaf in leaves]
     return {leaf.task_name: ratio * size / sum(sizes) for leaf, size in zip(leaves, sizes)}
