@@ -191,7 +191,10 @@ def test_training_writes_what_an_rl_engineer_reads(trained):
     spec = json.loads((out / "best" / "agent.json").read_text())
     assert spec["algorithm"] == "ppo" and spec["state"] == "members" and spec["span_length"] == 2
     assert spec["training"]["tasks"] == {"route_mc": 1.0, "route_gen": 1.0} and "validation" in spec["training"]
-    assert json.loads((out / "config.json").read_text())["algorithm"] == "ppo"
+    leaves = {"route_mc": {"share": 0.5, "entry": "route_mc", "splits": {"train": "train", "validation": "validation", "test": "test"}}}
+    assert spec["training"]["leaf_tasks"]["route_mc"] == leaves["route_mc"] and set(spec["training"]["leaf_tasks"]) == {"route_mc", "route_gen"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == "ppo" and config["leaf_tasks"] == spec["training"]["leaf_tasks"]
 
 
 @pytest.mark.parametrize("mc_rows", [0, 16])
