@@ -191,7 +191,10 @@ def test_training_writes_what_an_rl_engineer_reads(trained):
     spec = json.loads((out / "best" / "agent.json").read_text())
     assert spec["algorithm"] == "ppo" and spec["state"] == "members" and spec["span_length"] == 2
     assert spec["training"]["tasks"] == {"route_mc": 1.0, "route_gen": 1.0} and "validation" in spec["training"]
-    assert json.loads((out / "config.json").read_text())["algorithm"] == "ppo"
+    leaves = {"route_mc": {"share": 0.5, "entry": "route_mc", "splits": {"train": "train", "validation": "validation", "test": "test"}}}
+    assert spec["training"]["leaf_tasks"]["route_mc"] == leaves["route_mc"] and set(spec["training"]["leaf_tasks"]) == {"route_mc", "route_gen"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == "ppo" and config["leaf_tasks"] == spec["training"]["leaf_tasks"]
 
 
 @pytest.mark.parametrize("mc_rows", [0, 16])
@@ -498,3 +501,36 @@ def test_rlae_folds_scores_every_task_with_the_agents_that_never_saw_it(tmp_path
         assert list(spec.training["tasks"]) == [t for t in ("route_mc", "route_gen") if t not in held_out]
     assert [row["tasks"] for row in result["folds"]] == small["folds"]
     assert (tmp_path / "out" / "transfer.png").is_file()
+
+
+def test_stats_state_reads_each_members_confidence_over_a_questions_choices(bpe_member, sp_member):
+    """`stats`: per member, the confidence of its next token, then of its softmax over the question's
+    choices (here from each member's own loglikelihoods, read through one-hot weights), and whether the
+    members prefer the same choice; a context scored with one continuation has no choices (zeros). The
+    `members` kind keeps the layout the shipped agents were trained with."""
+    from lm_eval_rlae.engine.fusion import FusionEngine
+    from lm_eval_rlae.engine.members import Member, MemberSpec
+    from lm_eval_rlae.policies import FixedPolicy
+    from lm_eval_rlae.policies.state import make_state_features
+
+    members = [Member(MemberSpec.parse(path, {"device": "cpu"})) for path in (bpe_member, sp_member)]
+    requests = [("Q: what is 2+2? A:", " 4"), ("Q: what is 2+2? A:", " five"), ("Q: what is 2+2? A:", " 22"), ("Say", " hi")]
+    engine = FusionEngine(members, FixedPolicy([1.0, 0.0]))
+    features = make_state_features("stats", members, engine.union)
+    assert features.layout.segments == (("stats.0", 6), ("stats.1", 6), ("shared", 6))
+    assert [size for name, size in make_state_features("members", members, engine.union).layout.segments if not name.startswith("hidden")] == [3, 3, 4]
+
+    state = features(engine.decision_state(engine.score(requests), requests))  # [4, 18]
+    preferred = []
+    for m in range(2):
+        engine.use(FixedPolicy([float(m == 0), float(m == 1)]))
+        totals = torch.tensor([logprob for logprob, _ in engine.loglikelihood(requests[:3])], dtype=torch.float64)
+        probs = totals.softmax(-1).float()
+        top = probs.sort(descending=True).values
+        want = torch.stack([-(probs * probs.log()).sum() / np.log(3), top[0], top[0] - top[1]])
+        for row in range(3):  # each choice's row carries its question's state
+            torch.testing.assert_close(state[row, 6 * m + 3 : 6 * m + 6], want, atol=1e-4, rtol=1e-4)
+        assert state[3, 6 * m + 3 : 6 * m + 6].abs().sum() == 0
+        preferred.append(int(totals.argmax()))
+    assert state[:3, 12 + 4].tolist() == [float(preferred[0] == preferred[1])] * 3
+    assert state[:, 12 + 5].tolist() == [1.0, 1.0, 1.0, 0.0]

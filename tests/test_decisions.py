@@ -90,7 +90,7 @@ def test_command_line_writes_every_decision_beside_the_samples(tmp_path, device,
             else:
                 assert line["request_type"] == "loglikelihood"
                 request = [(args["arg_0"], args["arg_1"])]
-                want = engine.policy(engine.decision_state(engine.score(request), [args["arg_0"]])).tolist()
+                want = engine.policy(engine.decision_state(engine.score(request), request)).tolist()
                 got = [line["weights"]]
             assert len(got) == len(want), (task, line["doc_id"], got, want)
             np.testing.assert_allclose(got, want, atol=1e-4)

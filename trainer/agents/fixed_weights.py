@@ -36,11 +36,11 @@ def simplex_grid(n_members: int, step: float) -> list[tuple[float, ...]]:
 def search(run: Run, step: float) -> dict:
     points = []
     for weights in tqdm(simplex_grid(len(run.members), step), desc="fixed weights on validation", unit="point"):
-        scores = summary(run.evaluate("validation", constant(weights)))
+        scores = summary(run.evaluate("validation", constant(weights)), run.shares)
         points.append({"weights": [round(w, 6) for w in weights], "validation": scores})
         tqdm.write(f"weights {points[-1]['weights']}: {scores['mean']:.4f}")
     best = max(points, key=lambda p: p["validation"]["mean"])
-    return {"members": list(run.config.members), "tasks": list(run.tasks["validation"]), "split": "validation", "best": best, "points": points}
+    return {"members": list(run.config.members), "tasks": list(run.shares), "split": "validation", "best": best, "points": points}
 
 
 def best_on(result: dict, tasks: list[str]) -> list[float]:

@@ -103,8 +103,8 @@ def transfer_plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     agents = list(summary["folds"][0]["agents"])
-    names = [f"fold {row['fold']}" for row in summary["folds"]] + ["pooled"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = [f"fold {row['fold']}\n" + "\n".join(t.removeprefix("bb_")[:22] for t in row["tasks"]) for row in summary["folds"]] + ["pooled"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(12, 1.4 * len(names)), 5.5), sharey=True)
     for ax, base in zip(axes, ("best fixed", "oracle routing")):
         width = 0.8 / len(agents)
         for a, agent in enumerate(agents):
@@ -116,7 +116,7 @@ def transfer_plot(summary: dict, path: Path, title: str) -> None:
             ax.errorbar(x, point, yerr=errors, fmt="none", ecolor="black", capsize=3, elinewidth=0.8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
-        ax.set_xticklabels(names)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)  # a fold is named by the tasks it holds out
         ax.set_title(f"agent - {base} on held-out tasks (points, 95% paired interval)", fontsize=10)
         ax.legend(fontsize=8, frameon=False)
     axes[0].set_ylabel("accuracy difference (points)")

@@ -5,9 +5,10 @@ the weights: each member's per-token log-probs of each choice, and the state at 
 context. So each document is scored once (`FusionEngine.score`, the path `--model rlae` scores
 with) and an epoch over cached documents runs no LLM forward at all.
 
-One file per (members, state kind, task, split): `<cache>/<identity>/<state>/<task>.<split>.safetensors`,
-the arrays with their index in the file's metadata (the document keys, and a checksum of index and
-arrays), so that one atomic write puts both in place; `identity` hashes each member's name,
+One file per (members, state kind, task, split read): `<cache>/<identity>/<state>/<task>.<split>.safetensors`
+(the split as the config maps it, `validation`, `validation[:80%]`: `TaskData.split`), the arrays
+with their index in the file's metadata (the document keys, and a checksum of index and arrays), so
+that one atomic write puts both in place; `identity` hashes each member's name,
 vocabulary and weights, so another member (or a rebuilt adapter) never reads stale scores. A document
 is found by its key; its requests are a function of it (the harness draws few-shot examples in
 document order from a seeded generator, so the first N documents' contexts do not depend on N).

@@ -63,11 +63,10 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         raise SystemExit(str(error)) from error
     if saved is not None and not config.resumable_from(saved["config"]):
         raise SystemExit(f"{out}/checkpoint is from another config; run with --restart to start over, or give another --out")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-
     from trainer.agents.algorithms import build
 
     run = Run(config)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"leaf_tasks": run.mixture.record()}, indent=2) + "\n")
     c = config
     env, samplers = run.env, run  # where training episodes are stepped, and who holds their samplers
     if c.rollout_workers:
@@ -80,7 +79,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
     if saved is None:
         history = {"baselines": {}, "epochs": []}
         for name, weights in {"uniform": [1.0] * len(c.members), **c.baselines}.items():
-            history["baselines"][name] = summary(run.evaluate("validation", constant(weights)))
+            history["baselines"][name] = summary(run.evaluate("validation", constant(weights)), run.shares)
             logger.info("validation, %s weights %s: %.4f", name, weights, history["baselines"][name]["mean"])
         epoch, env_steps, best = 0, 0, -np.inf
     else:
@@ -127,7 +126,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             bar.set_postfix(ret=f"{rollout.get('train/return', float('nan')):.3f}", kl=f"{after['train/approx_kl']:.4f}", sps=f"{scalars['speed/env_steps_per_s']:.1f}")
             bar.update(1)
         epoch += 1
-        validation = summary(run.evaluate("validation", agent_weights(policy.actor)))
+        validation = summary(run.evaluate("validation", agent_weights(policy.actor)), run.shares)
         history["epochs"].append({"epoch": epoch, "env_steps": env_steps, "validation": validation})
         writer.add_scalar("validation/agent", validation["mean"], env_steps)
         for name, values in history["baselines"].items():
