@@ -186,7 +186,7 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     assert mixture_logprob([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("kinds", [("bpe", "sp"), tuple(PRESETS)])
+@pytest.mark.parametrize("kinds", [("bpe", "sp"), ("bpe", "sp", "unigram"), tuple(PRESETS)])
 def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_otherwise(vocabs, kinds):
     """Any (context, continuation), each member's continuation tokens cut as lm-eval's _encode_pair
     cuts them (whole minus context: byte-level tokens end inside characters, and a member may merge
@@ -203,7 +203,8 @@ def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_
             ids = mv.tokenizer.encode(context + continuation, add_special_tokens=False)
             ids = ids[len(mv.tokenizer.encode(context, add_special_tokens=False)) :]
             logprobs = -rng.exponential(2.0, len(ids))
-            scored.append(Scored(logprobs, mv.token_lengths[ids], greedy=False, decision_logprobs=None, decision_hidden=None))
+            lengths = mv.reading_lengths(context + continuation, ids)  # an <unk> spans what it replaced
+            scored.append(Scored(logprobs, lengths, greedy=False, decision_logprobs=None, decision_hidden=None))
         totals = np.array([s.token_logprobs.sum() for s in scored])
         for m, total in enumerate(totals):
             assert mixture_logprob(scored, np.eye(len(members))[m]) == pytest.approx(total, abs=1e-9)
