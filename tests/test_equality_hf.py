@@ -171,9 +171,10 @@ def test_one_hot_weights_equal_that_member(run_eval, members, hot):
 def test_one_hot_weights_on_each_of_three_members_equal_that_member(run_eval, members, hot):
     """Three members of three tokenizer families: each, weighted alone, is that member as hf runs it."""
     weights = [float(m == hot) for m in range(3)]
+    tasks = ALL if THREE[hot] == "unigram" else ["tiny_gen", "tiny_mc"]  # bpe's and sp's rolling text: the pair's one-hot test
     want = run_eval("hf", hf(members[THREE[hot]]), ALL)
-    got = run_eval("rlae", rlae([members[kind] for kind in THREE], weights=weights), ALL, batch_size=4)
-    for task in ALL:
+    got = run_eval("rlae", rlae([members[kind] for kind in THREE], weights=weights), tasks, batch_size=4)
+    for task in tasks:
         assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp,unigram] weights={weights} vs hf[{THREE[hot]}]")
 
 
