@@ -333,7 +333,7 @@ class UnionVocab:
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_groups = [[m for m, f in enumerate(fingerprints) if f == g] for g in dict.fromkeys(fingerprints)]
         self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids], device=device) for ids in to_union]
-        self.unknown = torch.tensor(sorted({ids[v.unk_id] for v, ids in zip(members, to_union) if v.unk_id is not None}), dtype=torch.long)
+        self.unknown = torch.tensor(sorted({ids[v.unk_id] for v, ids in zip(members, to_union) if v.unk_id is not None}), dtype=torch.long, device=device)  # [K]
         self.from_union = []
         for vocab, ids in zip(members, to_union):
             back = torch.full((self.size,), -1, dtype=torch.long)
@@ -376,12 +376,11 @@ class UnionVocab:
         if not len(self.unknown) or not rows.any():
             return probs
         rows = rows.to(probs.device)[:, None]  # [B, 1]
-        unknown = self.unknown.to(probs.device)
-        held = probs[:, unknown]  # [B, K]
-        probs[:, unknown] = held.masked_fill(rows, 0)
+        held = probs[:, self.unknown]  # [B, K]
+        probs[:, self.unknown] = held.masked_fill(rows, 0)
         emptied = rows & (probs.sum(-1, keepdim=True) <= 0)
         if emptied.any():
-            probs[:, unknown] = torch.where(emptied, held, probs[:, unknown])
+            probs[:, self.unknown] = torch.where(emptied, held, probs[:, self.unknown])
         return probs
 
     def continues(self, states: torch.Tensor) -> torch.Tensor:
