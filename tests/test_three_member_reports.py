@@ -41,9 +41,9 @@ def test_compare_methods_table_and_plots_name_three_members(tmp_path, bpe_member
     assert re.search(r"^\| RLAE_PPO \| \+58\.3 \[", table, flags=re.M)
 
     accuracy_plot(summary, tmp_path / "accuracy.png", "three members")
-    keys = {t: {d: [f"{t}/{d}"] for d in docs} for t in config.tasks}
-    decisions = {"RLAE_PPO": [[f"{t}/{d}", span, list(np.roll([0.6, 0.3, 0.1], int(d)))] for t in config.tasks for d in docs for span in range(3)]}
-    written = weight_plots(decisions, keys, members, tmp_path)
+    # {label: {task: {doc: {span: weights}}}}, as compare.report.per_document reads the decisions files
+    decisions = {"RLAE_PPO": {t: {d: {span: list(np.roll([0.6, 0.3, 0.1], int(d))) for span in range(3)} for d in docs} for t in config.tasks}}
+    written = weight_plots(decisions, members, tmp_path)
     assert written == [tmp_path / "weights_RLAE_PPO.png"]
     assert all(path.stat().st_size > 1000 for path in (tmp_path / "accuracy.png", *written))
 
