@@ -1,11 +1,12 @@
-"""Shared fixtures: two tiny local members of different tokenizer families, and tiny harness tasks.
+"""Shared fixtures: three tiny local members of different tokenizer families, and tiny harness tasks.
 
 - ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
+- ``unigram_member``: SentencePiece Unigram without byte fallback (``<unk>``) + random OLMo 2
 - ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
 - ``sp_sliding_member``: the sp member with an 8-token sliding-window layer (as Gemma 3's 512)
 - ``sp_special_bytes_member``: the sp member whose tokenizer flags its <0xNN> byte tokens special
-- ``tokenizers``, ``vocabs``: kind -> tokenizer / MemberVocab, for the tiny members ("bpe", "sp")
+- ``tokenizers``, ``vocabs``: kind -> tokenizer / MemberVocab, for the tiny members ("bpe", "sp", "unigram")
   and the presets' own tokenizers ("smollm2-135m", "gemma3-270m"; no model is loaded)
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
@@ -63,6 +64,11 @@ def sp_member(tiny_models_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def unigram_member(tiny_models_dir) -> str:
+    return str(tiny_models_dir / "unigram")
+
+
+@pytest.fixture(scope="session")
 def bpe_padded_member(tiny_models_dir) -> str:
     """The bpe member with 40 extra logit rows past its tokenizer (zero weights: logit 0)."""
     return tiny_models.build_member("bpe_padded", tiny_models_dir / "bpe_padded")
@@ -93,13 +99,13 @@ class _Lazy(dict):
 
 
 @pytest.fixture(scope="session")
-def tokenizers(bpe_member, sp_member):
+def tokenizers(bpe_member, sp_member, unigram_member):
     """A test asking for a preset that `make models` has not converted is skipped."""
     from transformers import AutoTokenizer
 
     from lm_eval_rlae.offline.presets import preset_dir
 
-    tiny = {"bpe": bpe_member, "sp": sp_member}
+    tiny = {"bpe": bpe_member, "sp": sp_member, "unigram": unigram_member}
 
     def load(kind):
         path = tiny.get(kind) or preset_dir(kind)

@@ -1,9 +1,11 @@
 """`--model rlae` against `--model hf` through the harness itself, per sample, on the tiny tasks.
 
-The equalities of DESIGN.md: one member, two copies of one member, and one-hot weights all give
-that member's results as `--model hf` computes them (loglikelihoods within 1e-4, the same
-is_greedy, rolling loglikelihoods within 1e-4 or 1e-5 relative, identical greedy generations).
-A heterogeneous ensemble does not depend on batch size or request order and generates valid text.
+The equalities of DESIGN.md: one member, copies of one member, and one-hot weights all give that
+member's results as `--model hf` computes them (loglikelihoods within 1e-4, the same is_greedy,
+rolling loglikelihoods within 1e-4 or 1e-5 relative, identical greedy generations), with two members
+and with three of three tokenizer families (byte-level BPE, byte-fallback SentencePiece, Unigram
+with `<unk>`). A heterogeneous ensemble does not depend on batch size or request order and
+generates valid text.
 The command-line forms of `members` work, and `lm_eval --model rlae` runs next to `--model hf`.
 The strongest equalities (one member, one-hot weights, a sliding-window member in mixed batches) run
 on every device present (the `device` fixture: CUDA where there is one).
@@ -89,15 +91,18 @@ def rlae(members, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def members(bpe_member, sp_member):
-    return {"bpe": bpe_member, "sp": sp_member}
+def members(bpe_member, sp_member, unigram_member):
+    return {"bpe": bpe_member, "sp": sp_member, "unigram": unigram_member}
+
+
+THREE = ["bpe", "sp", "unigram"]
 
 
 # ---------------------------------------------------------------------------- equalities
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-@pytest.mark.parametrize("kind", ["bpe", "sp"])
+@pytest.mark.parametrize("kind", THREE)
 def test_one_member_equals_hf(run_eval, members, kind, batch_size, device):
     # batch size 1 on the scoring tasks only: one-by-one generation is the slow part, and batched
     # generation (4) is the harder case for equality anyway
@@ -130,6 +135,14 @@ def test_two_copies_of_a_member_equal_that_member(run_eval, members, kind):
         assert_same_samples(task, got[task], want[task], f"rlae[{kind},{kind}] vs hf[{kind}]")
 
 
+def test_three_copies_of_a_member_equal_that_member(run_eval, members):
+    """Three copies of the Unigram member: one vocabulary, so its `<unk>` is chosen as hf chooses it."""
+    want = run_eval("hf", hf(members["unigram"]), ALL)
+    got = run_eval("rlae", rlae([members["unigram"]] * 3), ["tiny_gen", "tiny_mc"], batch_size=4)
+    for task in ["tiny_gen", "tiny_mc"]:
+        assert_same_samples(task, got[task], want[task], "rlae[unigram x3] vs hf[unigram]")
+
+
 def test_perplexity_weights_on_copies_equal_that_member(run_eval, members):
     """weights=perplexity (PackLLM) through the harness: copies read the prompt equally, so they weigh
     the same and the ensemble is the member, on generation, choices and rolling text alike."""
@@ -154,6 +167,17 @@ def test_one_hot_weights_equal_that_member(run_eval, members, hot, device):
     got = run_eval("rlae", rlae([members["bpe"], members["sp"]], weights=weights, device=device), ALL, batch_size=4)
     for task in ALL:
         assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp] weights={weights} vs hf[{kind}] on {device}")
+
+
+@pytest.mark.parametrize("hot", [0, 1, 2])
+def test_one_hot_weights_on_each_of_three_members_equal_that_member(run_eval, members, hot):
+    """Three members of three tokenizer families: each, weighted alone, is that member as hf runs it."""
+    weights = [float(m == hot) for m in range(3)]
+    tasks = ALL if THREE[hot] == "unigram" else ["tiny_gen", "tiny_mc"]  # bpe's and sp's rolling text: the pair's one-hot test
+    want = run_eval("hf", hf(members[THREE[hot]]), ALL)
+    got = run_eval("rlae", rlae([members[kind] for kind in THREE], weights=weights), tasks, batch_size=4)
+    for task in tasks:
+        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp,unigram] weights={weights} vs hf[{THREE[hot]}]")
 
 
 def test_one_hot_weights_from_the_command_line_form(run_eval, members):
@@ -280,6 +304,23 @@ def test_heterogeneous_results_do_not_depend_on_batch_size_or_order(run_eval, me
     assert_valid_text(one["tiny_gen"], "rlae[bpe,sp] bs=1")
     assert_valid_text(four["tiny_gen"], "rlae[bpe,sp] bs=4")
     assert_valid_text(four["tiny_gen_shuf"], "rlae[bpe,sp] shuffled")
+
+
+def test_three_families_do_not_depend_on_batch_size_or_order(run_eval, members):
+    three = [members[kind] for kind in THREE]
+    one = run_eval("rlae", rlae(three), ALL, batch_size=1)
+    four = run_eval("rlae", rlae(three), ALL + SHUF, batch_size=4)
+    for task, shuf in zip(ALL, SHUF):
+        assert_same_samples(task, four[task], one[task], "rlae[bpe,sp,unigram] bs=4 vs bs=1")
+        assert_same_samples(task, four[shuf], one[task], "rlae[bpe,sp,unigram] shuffled bs=4 vs bs=1")
+    assert_valid_text(one["tiny_gen"], "rlae[bpe,sp,unigram] bs=1")
+    assert_valid_text(four["tiny_gen"], "rlae[bpe,sp,unigram] bs=4")
+    # a real mixture of three: on or above the weighted mean of the members' own loglikelihoods (Jensen)
+    alone = [run_eval("hf", hf(members[kind]), ALL) for kind in THREE]
+    for doc_id, s in one["tiny_mc"].items():
+        for c, (mixed, _) in enumerate(s["filtered_resps"]):
+            own = [a["tiny_mc"][doc_id]["filtered_resps"][c][0] for a in alone]
+            assert sum(own) / 3 - LL_ATOL <= mixed <= 0, (doc_id, c, mixed, own)
 
 
 def test_heterogeneous_mixture_is_a_real_mixture(run_eval, members):

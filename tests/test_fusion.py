@@ -200,7 +200,7 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     assert mixture_logprob([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("kinds", [("bpe", "sp"), tuple(PRESETS)])
+@pytest.mark.parametrize("kinds", [("bpe", "sp"), ("bpe", "sp", "unigram"), tuple(PRESETS)])
 def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_otherwise(vocabs, kinds):
     """Any (context, continuation), each member's continuation tokens cut as lm-eval's _encode_pair
     cuts them (whole minus context: byte-level tokens end inside characters, and a member may merge
@@ -217,7 +217,8 @@ def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_
             ids = mv.tokenizer.encode(context + continuation, add_special_tokens=False)
             ids = ids[len(mv.tokenizer.encode(context, add_special_tokens=False)) :]
             logprobs = -rng.exponential(2.0, len(ids))
-            scored.append(Scored(logprobs, mv.token_lengths[ids], greedy=False, decision_logprobs=None, decision_hidden=None))
+            lengths = mv.reading_lengths(context + continuation, ids)  # an <unk> spans what it replaced
+            scored.append(Scored(logprobs, lengths, greedy=False, decision_logprobs=None, decision_hidden=None))
         totals = np.array([s.token_logprobs.sum() for s in scored])
         for m, total in enumerate(totals):
             assert mixture_logprob(scored, np.eye(len(members))[m]) == pytest.approx(total, abs=1e-9)
@@ -358,3 +359,58 @@ def test_gate_is_checked_before_any_model_loads():
     for gate in (1.0, -0.1, "high"):
         with pytest.raises(ValueError, match="probability in \\[0, 1\\)"):
             RLAELM(members="[no-such-model-anywhere]", gate=gate)
+
+
+# ----------------------------------------------------------------------------- three families, <unk>
+
+
+@pytest.fixture(scope="module")
+def three(members, unigram_member):
+    """bpe, sp and the Unigram member, which has no byte fallback: what it cannot spell is `<unk>`."""
+    return [*members, Member(MemberSpec.parse(unigram_member, {"device": "cpu"}))]
+
+
+def _known(vocab, text: bytes) -> bytes:
+    """The characters of text the Unigram member has pieces for (it reads the others as `<unk>`)."""
+    known = {c for i, b in enumerate(vocab.token_bytes) if not vocab.is_special[i] for c in b.decode("utf-8")}
+    return "".join(c for c in text.decode("utf-8", errors="ignore") if c in known).encode("utf-8")
+
+
+def test_three_families_keep_the_text_utf8_and_the_unigram_member_reads_unk_where_it_cannot_spell(three):
+    """Uniform over three vocabularies: the text stays UTF-8 (each pair of families could break a
+    character), `<unk>` is never chosen (it is no text), and the Unigram member, fed characters the
+    others chose that it has no piece for, reads them as its own tokenizer does: `<unk>`."""
+    contexts = [*CONTEXTS, "東京は日本の首都で、", "Say hello in Chinese: 你好"]
+    generation = _generation(three, UniformPolicy(3), contexts=contexts, max_gen_toks=32)
+    generation._catch_up()
+    unigram, stream = three[2], generation.streams[2]
+    unk, unknown_read = unigram.vocab.unk_id, 0
+    for r, (context, row) in enumerate(zip(contexts, generation.rows)):
+        assert not _invalid_inside(row.text), row.text
+        assert not set(row.tokens) & set(generation.union.unknown.tolist()), "a <unk> was chosen as text"
+        n_context = len(generation._context_ids(unigram, context))
+        fed = stream.ids[r][n_context:]
+        spelt = unigram.vocab.decode_bytes(fed)
+        assert spelt in (_known(unigram.vocab, row.text), _known(unigram.vocab, row.text[: -len(generation.union.token_bytes[row.tokens[-1]])]))
+        if unk in fed:
+            unknown_read += 1
+            assert _known(unigram.vocab, row.text) != row.text  # only where the text has characters it cannot spell
+    assert unknown_read > 0, "no row had a character the Unigram member cannot spell: the test proves nothing"
+
+
+def test_a_continuation_the_unigram_member_reads_as_unk_is_mixed_over_the_characters_unk_replaced(three):
+    """Scoring cuts a continuation where every member has a token boundary: the Unigram member's
+    `<unk>` must span the characters it replaced (" 你好 👋!": [▁][<unk>: 你好][▁][<unk>: 👋][!]), so
+    the segments are those characters for every member, and the mixture is taken over them."""
+    bpe, _, unigram = three
+    engine = FusionEngine([bpe, unigram], FixedPolicy([0.5, 0.5]))
+    request = ("Pick the greeting:\nAnswer:", " 你好 👋!")
+    scored_bpe, scored_unigram = (per_member[0] for per_member in engine.score([request]))
+    assert unigram.tokenizer.convert_ids_to_tokens(unigram.lm._encode_pair(*request)[1]) == ["▁", "<unk>", "▁", "<unk>", "!"]
+    assert scored_unigram.token_lengths.tolist() == [1, 6, 1, 4, 1]
+    ends = np.cumsum(scored_bpe.token_lengths)  # the byte-level member's own boundaries
+    assert ends[-1] == len(request[1].encode())
+    segments = np.searchsorted([1, 7, 8, 12, 13], ends, side="left")  # its tokens, by the unigram member's segments
+    bpe_segments = np.bincount(segments, weights=scored_bpe.token_logprobs, minlength=5)
+    expected = np.logaddexp(np.log(0.5) + bpe_segments, np.log(0.5) + scored_unigram.token_logprobs).sum()
+    assert engine.loglikelihood([request])[0][0] == pytest.approx(expected, abs=1e-9)

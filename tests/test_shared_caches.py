@@ -34,13 +34,13 @@ def scoring(members: list[str], tasks_dir: str):
     from lm_eval_rlae.engine.members import Member, MemberSpec
     from lm_eval_rlae.policies import UniformPolicy
     from lm_eval_rlae.policies.state import make_state_features
-    from trainer.agents.tasks import load_tasks
+    from trainer.agents.tasks import TaskMixture
 
     loaded = [Member(MemberSpec.parse(name, {"device": "cpu"})) for name in members]
     policy = UniformPolicy(len(loaded))
     policy.needs_hidden = True  # as an agent on the `members` state
     engine = FusionEngine(loaded, policy, span_length=2, seed=0)
-    (task,) = load_tasks(["tiny_mc"], "test", tasks_dir).values()
+    (task,) = TaskMixture({"tiny_mc": 1.0}, include_path=tasks_dir, roles=("test",)).load("test").values()
     return engine, make_state_features("members", loaded, engine.union), task
 
 

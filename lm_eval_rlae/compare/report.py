@@ -132,8 +132,8 @@ def per_document(lines: list[dict]) -> dict[str, dict[int, list[float]]]:
 
 def weight_plots(decisions: dict[str, dict[str, dict[str, dict[int, list[float]]]]], members: list[str], out: Path) -> list[Path]:
     """Per agent: its weights over the spans of sample generation documents (one line per member),
-    and the distribution of its weight on the first member per task. `decisions`: {label: {task:
-    per_document(its decisions lines)}}."""
+    and the distribution of each member's weight per task (one box per member; with two members the
+    second box mirrors the first). `decisions`: {label: {task: per_document(its decisions lines)}}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,14 +162,22 @@ def weight_plots(decisions: dict[str, dict[str, dict[str, dict[int, list[float]]
         else:
             axes[0].text(0.5, 0.5, "no generation document took more than one decision", ha="center", transform=axes[0].transAxes)
         tasks = sorted({task for task, _ in per_doc})
-        data = [[spans[s][0] for (t, _), spans in per_doc.items() if t == task for s in spans] for task in tasks]
+        width = 0.8 / len(names)
+        for m, name in enumerate(names):
+            data = [[spans[s][m] for (t, _), spans in per_doc.items() if t == task for s in spans] for task in tasks]
+            if tasks:
+                boxes = axes[1].boxplot(data, positions=np.arange(len(tasks)) + (m - (len(names) - 1) / 2) * width, widths=0.9 * width,
+                                        showfliers=False, patch_artist=True, manage_ticks=False)
+                for box in boxes["boxes"]:
+                    box.set(facecolor=f"C{m}", alpha=0.6)
+                axes[1].plot([], [], color=f"C{m}", linewidth=6, alpha=0.6, label=name)  # the legend's swatch
         if tasks:
-            axes[1].boxplot(data, showfliers=False)
-            axes[1].set_xticks(range(1, len(tasks) + 1))
+            axes[1].set_xticks(range(len(tasks)))
             axes[1].set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=55, ha="right", fontsize=8)
-        axes[1].set_ylabel(f"weight on {names[0]}")
+            axes[1].legend(fontsize=7, loc="upper right")
+        axes[1].set_ylabel("weight")
         axes[1].set_ylim(-0.02, 1.02)
-        axes[1].set_title(f"{label}: weight on {names[0]} per task, every decision", fontsize=10)
+        axes[1].set_title(f"{label}: each member's weight per task, every decision", fontsize=10)
         fig.tight_layout()
         path = out / f"weights_{label.replace(' ', '_')}.png"
         fig.savefig(path, dpi=120)

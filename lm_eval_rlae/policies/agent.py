@@ -256,6 +256,12 @@ class AgentPolicy(WeightPolicy):
     def load(cls, path_or_name: str, member_names: list[str]) -> AgentPolicy:
         """A checkpoint, checked against the members' names before any model loads."""
         spec, actor = load_agent(path_or_name)
+        if len(member_names) != len(spec.members):
+            raise AgentCheckpointError(
+                f"agent {str(path_or_name)!r} was trained for {len(spec.members)} members, members={_members_arg(spec.members)}, "
+                f"not {len(member_names)}: its actor gives one weight per member it was trained with. Pass "
+                f"members={_members_arg(spec.members)}, or train an agent for these {len(member_names)} members (rlae-train)"
+            )
         if [str(name) for name in member_names] != spec.members:
             raise AgentCheckpointError(
                 f"agent {str(path_or_name)!r} was trained for members={_members_arg(spec.members)} (in that order), not "
