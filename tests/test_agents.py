@@ -164,8 +164,9 @@ def test_benchmark_times_the_agent_beside_the_members(trained, bpe_member, sp_me
     agent = str(trained["ppo"] / "best")
     main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--repeats", "1", "--device", "cpu", "--agent", agent])
     out = capsys.readouterr().out
-    assert re.search(rf"^\| rlae agent={re.escape(agent)} \| [\d.]+ \| [\d.]+ \| \d+ / \d+ \|$", out, flags=re.M)
-    assert re.search(rf"rlae agent={re.escape(agent)} / members, batch 2: generate_until \d+\.\d\d", out)
+    for label in (f"rlae agent={agent}", f"rlae speculative agent={agent}"):  # step by step, and drafted and verified
+        assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \| \d+ / \d+ \|$", out, flags=re.M)
+        assert re.search(rf"^{re.escape(label)} / members, batch 2: generate_until \d+\.\d\d", out, flags=re.M)
 
 
 def test_mappo_actors_see_only_their_member(trained):

@@ -324,7 +324,7 @@ class Generation:
         member that has not run yet."""
         policy = self.engine.policy
         if policy.reads_state or policy.needs_prompt_perplexity:
-            self._catch_up(range(len(self.streams)))
+            self._catch_up()
         return PolicyState(
             member_logprobs=[stream.logprobs for stream in self.streams],
             member_hidden=[stream.states for stream in self.streams] if policy.needs_hidden else None,
@@ -435,9 +435,9 @@ class Generation:
         lead[:, 0] = 1
         return torch.where(self.confident(lead_logprobs)[:, None].to(weights.device), lead, weights)
 
-    def _catch_up(self, members) -> None:
-        """Feed these members the ids they are owed, launching every forward before reading any."""
-        for m in members:
+    def _catch_up(self, members=None) -> None:
+        """Feed these members (all by default) the ids they are owed, launching every forward before reading any."""
+        for m in range(len(self.streams)) if members is None else members:
             if any(self.pending[m]):
                 self.streams[m].feed(self.pending[m])
                 self.pending[m] = [[] for _ in self.rows]
