@@ -15,6 +15,7 @@ import text_strategies
 import tiny_models
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, Generation
 from lm_eval_rlae.engine.members import Member, MemberSpec, MemberStream
+from lm_eval_rlae.engine.speculative import Drafting
 from lm_eval_rlae.policies import FixedPolicy, PerplexityPolicy, UniformPolicy, WeightPolicy
 from lm_eval_rlae.policies.agent import AgentPolicy, AgentSpec
 from lm_eval_rlae.policies.state import make_state_features
@@ -29,6 +30,13 @@ CONTEXTS = [
     "Once upon a time, there was",
     "\t\t  ünïcödé  ",
 ]
+
+
+@pytest.fixture(autouse=True)
+def always_rounds(monkeypatch):
+    """Every decode a round where two members have weight: the engine would otherwise pick rounds or
+    plain steps by their measured speed (tested alone below), and the rounds must be exercised."""
+    monkeypatch.setattr(Drafting, "speculates", lambda self, batch: True)
 
 
 def _member(path) -> Member:
@@ -180,6 +188,21 @@ def test_drafts_save_the_verifiers_forwards(members, bpe_member, monkeypatch):
     engine.generate(CONTEXTS[:2], Decoding(until=[], max_gen_toks=24))
     assert len(forwards) <= 1 + 24 // 3, len(forwards)
     assert engine.drafting.counts.tokens_per_round > 3
+
+
+def test_rounds_are_used_where_they_are_faster_per_token(members, monkeypatch):
+    """Per batch size: a round, then a plain step, then the faster per token, the slower retimed every 16."""
+    monkeypatch.undo()  # the real choice
+    drafting = FusionEngine(members, UniformPolicy(2)).drafting
+    assert drafting.speculates(8)  # nothing timed yet: a round first
+    drafting.timed("round", 8, seconds=1.0, tokens=20)  # 0.05 s per token
+    assert not drafting.speculates(8)  # then a plain step
+    drafting.timed("step", 8, seconds=0.4, tokens=8)  # 0.05 s: a tie goes to rounds
+    assert drafting.speculates(8)
+    drafting.timed("step", 8, seconds=0.2, tokens=8)  # steps now faster on average
+    choices = [drafting.speculates(8) for _ in range(32)]  # decodes 4 to 35: the 16th and 32nd explore
+    assert [i + 4 for i, c in enumerate(choices) if c] == [16, 32]
+    assert drafting.speculates(1)  # another batch size starts afresh
 
 
 def test_sampling_goes_step_by_step(members):

@@ -25,6 +25,7 @@ forward over one token and over several, as between batch sizes).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from lm_eval_rlae.engine.feeding import queued
 
 UNSURE = 0.4  # the drafter's top-1 probability below which its token is often not the ensemble's choice
 MAX_POSITIONS = 8
+EXPLORE = 16  # every so many decodes at one batch size, the mode that looked slower is timed again
 
 
 @dataclass
@@ -57,10 +59,15 @@ class Counts:
 
 
 class Drafting:
-    """Who drafts and how far, per engine, adapted to the acceptance so far.
+    """Whether to draft, who drafts and how far, per engine, adapted to what the rounds so far did.
 
-    A member's step cost is the parameters a decoding step reads: all of them but an input embedding
-    the model does not also use as its output head.
+    Rounds pay where a forward over several tokens costs little more than over one: at small
+    batches. Where a batch's forwards are already bound by compute (large batches on a CPU), a
+    verify pass costs nearly as much as the steps it replaces, and drafts taken back are lost work;
+    so per batch size, the seconds per token decoded are measured for rounds and for plain steps,
+    and the faster is used (the slower is timed again now and then). A member's step cost, to pick
+    the cheapest drafter, is the parameters a decoding step reads: all but an input embedding the
+    model does not also use as its output head.
     """
 
     def __init__(self, engine):
@@ -68,6 +75,8 @@ class Drafting:
         self.positions = 4  # positions a round verifies: drafted tokens and the ensemble's own after them
         self.counts = Counts()
         self.unsure = [5, 10]  # positions where the drafter was unsure: [agreed, examined] (a prior of one in two)
+        self.seconds: dict[tuple[str, int], float] = {}  # (mode, batch size) -> seconds per token decoded, averaged
+        self.decodes: dict[int, int] = {}  # batch size -> decodes (rounds and steps) so far
         self.step_cost = [_read_parameters(member.model) for member in engine.members]
         # per member [V_m]: ids the union cannot choose (rows past its tokenizer), and its end-of-sequence ids
         self.sink = [to_union == union.size for to_union in union.to_union]
@@ -79,6 +88,21 @@ class Drafting:
         held = weights.cpu()[live].sum(0)
         top = max(float(held[m]) for m in needed)
         return min((m for m in needed if held[m] >= 0.95 * top), key=lambda m: self.step_cost[m])
+
+    def speculates(self, batch: int) -> bool:
+        """Whether the next decode of a batch of this size is a round (else a plain step): the mode
+        with fewer seconds per token so far, each tried first, the slower one again every EXPLORE decodes."""
+        self.decodes[batch] = n = self.decodes.get(batch, 0) + 1
+        rounds, steps = self.seconds.get(("round", batch)), self.seconds.get(("step", batch))
+        if rounds is None or steps is None:
+            return rounds is None
+        return (rounds <= steps) != (n % EXPLORE == 0)
+
+    def timed(self, mode: str, batch: int, seconds: float, tokens: int) -> None:
+        """Record a decode: its mode, batch size, wall time and tokens decoded over its rows."""
+        per_token = seconds / max(tokens, 1)
+        previous = self.seconds.get((mode, batch))
+        self.seconds[(mode, batch)] = per_token if previous is None else 0.7 * previous + 0.3 * per_token
 
     def stops_when_unsure(self) -> bool:
         """Whether a round ends where the drafter is unsure on every row: while the ensemble has mostly
@@ -98,14 +122,23 @@ class Drafting:
 
 
 def advance(generation, weights: torch.Tensor, goal: list[int]) -> None:
-    """Decode every live row of `generation` to its goal (tokens decoded at the span's end) in rounds;
-    a plain step where a single member has weight (nothing to verify)."""
+    """Decode every live row of `generation` to its goal (tokens decoded at the span's end) in rounds,
+    or in plain steps where a single member has weight (nothing to verify) or where rounds do not pay."""
+    drafting, batch = generation.engine.drafting, len(generation.rows)
     while (live := generation.live(goal)).any():
         needed = generation.needed(weights, live)
         if len(needed) < 2:
             generation.step(weights, goal)
-        else:
+            continue
+        before = sum(row.steps for row in generation.rows)
+        start = time.perf_counter()
+        if drafting.speculates(batch):
+            mode = "round"
             _Round(generation, weights, goal, live, needed).run()
+        else:
+            mode = "step"
+            generation.step(weights, goal)
+        drafting.timed(mode, batch, time.perf_counter() - start, sum(row.steps for row in generation.rows) - before)
 
 
 class _Round:
