@@ -87,3 +87,12 @@ compare: setup models data runs/specialists-fixed/best_fixed.json runs/plain-fix
 # The best fixed weights each compare config reads: a search on the validation split (5 points).
 runs/%-fixed/best_fixed.json: trainer/configs/%.yaml | setup models data
 	$(OFFLINE) $(VENV)/bin/rlae-best-fixed --config $< --step 0.25
+
+# --- one GPU (issue 22) -------------------------------------------------------------------------
+# The tests on cuda (pytest -m cuda), the benchmark with both members on cuda:0 in float32 and
+# bfloat16, and the host synchronisations per decoding step: one table in results/gpu_check.md.
+# Without a CUDA device it says so and runs nothing (the presets are prepared only where it runs).
+.PHONY: gpu-check
+gpu-check: setup
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(MAKE) --no-print-directory models data; fi
+	$(OFFLINE) $(PY) -m lm_eval_rlae.gpu_check

@@ -3,7 +3,7 @@
 
     python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 1,8]
         [--prompts 8] [--max-gen-toks 32] [--repeats 3] [--device cpu | --devices cuda:0,cuda:1]
-        [--gate 0.9] [--agent rlae-ppo-specialists] [--weights 1,0]
+        [--dtype auto | float32 | bfloat16] [--gate 0.9] [--agent rlae-ppo-specialists] [--weights 1,0]
 
 The floor is the members' own forward passes: `rlae / members` is the ensemble's wall time over
 the sum of the members' wall times (1.0 = the fusion costs nothing beyond running every member).
@@ -171,10 +171,37 @@ def benchmark(ensemble, runs: list[Run], batch_size: int, requests: dict, warmup
             )
 
 
-def report(runs: list[Run], n_members: int, batch_size: int, own_devices: bool = False) -> str:
-    """The table of runs (members alone first) and each ensemble's ratios to the floor: the sum of
-    the members' times, or with each member on its own device (`own_devices`) the slowest one's."""
+def ratios(runs: list[Run], n_members: int, own_devices: bool = False) -> dict[str, dict]:
+    """Each ensemble's {"generate", "score"} time over the floor, named in "floor": the sum of the
+    members' times ("members"), or with each member on its own device (`own_devices`) the slowest
+    one's ("slowest member"); {"generate_memory", "score_memory"} peak over the members' summed peaks
+    (None where memory cannot be read); and for a speculative run its "acceptance" and
+    "tokens_per_round" (None where it verified nothing: a single member with weight decodes step by step)."""
     alone, ensembles = runs[:n_members], runs[n_members:]
+    floor, name = (max, "slowest member") if own_devices else (sum, "members")
+    out = {}
+    for run in ensembles:
+        out[run.label] = {kind: run.seconds(kind) / floor(member.seconds(kind) for member in alone) for kind in ("generate", "score")}
+        out[run.label]["floor"] = name
+        for kind in ("generate", "score"):
+            peaks = [member.peak(kind) for member in [*alone, run]]
+            out[run.label][f"{kind}_memory"] = None if None in peaks else peaks[-1] / sum(peaks[:-1])
+        if run.counts is not None:
+            verified = run.counts.rounds > 0
+            out[run.label]["acceptance"] = run.counts.acceptance if verified else None
+            out[run.label]["tokens_per_round"] = run.counts.tokens_per_round if verified else None
+    return out
+
+
+def _drafting(ratio: dict) -> str:
+    if ratio["acceptance"] is None:
+        return ", no verify pass (one member with weight decodes alone)"
+    return f", acceptance {ratio['acceptance']:.2f}, tokens per verify pass {ratio['tokens_per_round']:.2f}"
+
+
+def report(runs: list[Run], n_members: int, batch_size: int, own_devices: bool = False) -> str:
+    """The table of runs (members alone first) and each ensemble's ratios to the floor (`ratios`)."""
+    alone = runs[:n_members]
 
     def mib(run_peak):
         return "n/a" if run_peak is None else f"{run_peak / MiB:.0f}"
@@ -191,19 +218,18 @@ def report(runs: list[Run], n_members: int, batch_size: int, own_devices: bool =
         if run is alone[-1]:
             lines.append(row("members, sum", *sums.values(), *peaks.values()))
     lines.append("")
-    floor_name, floor = ("slowest member", max) if own_devices else ("members", sum)
-    floors = {kind: floor(run.seconds(kind) for run in alone) for kind in kinds}
-    for run in ensembles:
-        ratio = f"{run.label} / {floor_name}, batch {batch_size}: generate_until {run.seconds('generate') / floors['generate']:.2f}, loglikelihood {run.seconds('score') / floors['score']:.2f}"
-        if peaks["generate"] is not None and run.peak("generate") is not None:
-            ratio += f", peak memory {run.peak('generate') / peaks['generate']:.2f} / {run.peak('score') / peaks['score']:.2f}"
-        if run.counts is not None:
-            ratio += f", acceptance {run.counts.acceptance:.2f}, tokens per verify pass {run.counts.tokens_per_round:.2f}"
-        lines.append(ratio)
+    for label, ratio in ratios(runs, n_members, own_devices).items():
+        line = f"{label} / {ratio['floor']}, batch {batch_size}: generate_until {ratio['generate']:.2f}, loglikelihood {ratio['score']:.2f}"
+        if ratio["generate_memory"] is not None:
+            line += f", peak memory {ratio['generate_memory']:.2f} / {ratio['score_memory']:.2f}"
+        if "acceptance" in ratio:
+            line += _drafting(ratio)
+        lines.append(line)
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, dict]:
+    """Prints the table of every batch size; returns {batch size: {"table": its text, "ratios": `ratios`}}."""
     parser = argparse.ArgumentParser(prog="python -m lm_eval_rlae.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--batch-size", default="1,8", help="one batch size or several, comma-separated")
@@ -212,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per run; the fastest is reported")
     parser.add_argument("--device", default=None, help="every member's device")
     parser.add_argument("--devices", default=None, help="one device per member, comma-separated, e.g. cuda:0,cuda:1")
+    parser.add_argument("--dtype", default="auto", help="every member's dtype, as --model hf's: auto, float32, bfloat16, float16")
     parser.add_argument("--gate", type=float, default=None, help="also run the ensemble with this confidence gate")
     parser.add_argument("--agent", default=None, help="also run the ensemble with this agent (shipped name or directory)")
     parser.add_argument("--weights", default=None, help="also run the ensemble with these fixed weights, comma-separated, e.g. 1,0")
@@ -226,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval_rlae.policies import make_policy
     from lm_eval_rlae.policies.agent import AgentPolicy
 
-    ensemble = RLAELM(members=f"[{args.members}]", device=args.device, devices=args.devices and f"[{args.devices}]")
+    ensemble = RLAELM(members=f"[{args.members}]", device=args.device, devices=args.devices and f"[{args.devices}]", dtype=args.dtype)
     engine = ensemble.engine
     agent = None if args.agent is None else AgentPolicy.load(args.agent, [member.name for member in ensemble.members])  # refused before any run
     fixed = None if args.weights is None else make_policy(f"[{args.weights}]", len(ensemble.members))
@@ -254,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     warmup = _requests(args.prompts, min(4, args.max_gen_toks))  # every prompt: tables built on first use
     devices = [str(member.device) for member in ensemble.members]
     own_devices = len(set(devices)) == len(devices) > 1  # the members' forwards overlap
+    dtypes = [str(member.model.dtype).removeprefix("torch.") for member in ensemble.members]
     print(f"{args.prompts} prompts x {args.max_gen_toks} new tokens (greedy, all of them decoded) and {len(requests['score'])} loglikelihood "
-          f"requests, devices {', '.join(devices)}, fastest of {args.repeats} rounds after a warm-up")
+          f"requests, devices {', '.join(devices)}, dtypes {', '.join(dtypes)}, fastest of {args.repeats} rounds after a warm-up")
+    results = {}
     for batch_size in batch_sizes:
         runs = [Run(f"{m.name} alone (hf)", m.lm.generate_until, m.lm.loglikelihood, weight_bytes(m.model)) for m in ensemble.members]
         runs += pair("uniform", uniform, every_weight)
@@ -266,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         if fixed is not None:
             runs += pair(f"weights=[{args.weights}]", fixed, every_weight)
         benchmark(ensemble, runs, batch_size, requests, warmup, args.repeats)
-        print("\n" + report(runs, len(ensemble.members), batch_size, own_devices), flush=True)
+        table = report(runs, len(ensemble.members), batch_size, own_devices)
+        print("\n" + table, flush=True)
+        results[batch_size] = {"table": table, "ratios": ratios(runs, len(ensemble.members), own_devices)}
+    return results
 
 
 if __name__ == "__main__":

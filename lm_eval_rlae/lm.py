@@ -11,6 +11,9 @@ Data parallel, as `--model hf` on several GPUs: `accelerate launch -m lm_eval --
 one process per device, each with every member on its own device; the harness gives each process
 its share of the documents (`rank`, `world_size`) and gathers their results. CPU processes work too
 (gloo), unlike hf, which splits documents only over several GPUs.
+
+With `--log_samples`, the weights an agent or `weights=perplexity` chose for every request are written
+beside the samples (`decisions.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
+from lm_eval_rlae.decisions import Recorder
 from lm_eval_rlae.engine.chat import encode_chat
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, check_gate
 from lm_eval_rlae.engine.members import Member, MemberSpec
@@ -121,6 +125,7 @@ class RLAELM(LM):
         self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed), gate=gate, speculative=speculative)
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
+        self.decisions = Recorder(self.engine, [member.name for member in self.members])
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
@@ -135,13 +140,19 @@ class RLAELM(LM):
         return tensor if self.accelerator is None else self.accelerator.gather(tensor)
 
     def gather_object(self, obj, dst=0):
+        """The harness gathers every process's logged samples to rank 0 here; each process's weight
+        decisions travel with them, so rank 0 writes them all beside the samples."""
         if self.accelerator is None:
             return [obj]
         import torch.distributed
 
         gathered = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(obj=obj, object_gather_list=gathered, dst=dst)
-        return gathered
+        torch.distributed.gather_object(obj=(obj, self.decisions.log.records), object_gather_list=gathered, dst=dst)
+        if gathered is None:
+            return None
+        for _, records in gathered:
+            self.decisions.log.merge(records)
+        return [obj for obj, _ in gathered]
 
     def barrier(self) -> None:
         if self.accelerator is not None:
@@ -160,18 +171,21 @@ class RLAELM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         _check_text_only(requests)
+        self.decisions.start(requests)
         collator = Collator(
-            [request.args for request in requests],
-            sort_fn=lambda args: (-len(args[0]), args[0]),
+            requests,
+            sort_fn=lambda request: (-len(request.args[0]), request.args[0]),
             group_by="gen_kwargs",
-            group_fn=lambda args: args[1],
+            group_fn=lambda request: request.args[1],
         )
         results = []
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae generate_until") as bar:
             for chunk in collator.get_batched(n=self.batch_size):
-                contexts, all_kwargs = zip(*chunk)
+                contexts, all_kwargs = zip(*(request.args for request in chunk))
                 decoding = Decoding.from_gen_kwargs(all_kwargs[0], self.max_gen_toks)
-                for context, text in zip(contexts, self.engine.generate(list(contexts), decoding)):
+                with self.decisions.watch(chunk):
+                    texts = self.engine.generate(list(contexts), decoding)
+                for context, text in zip(contexts, texts):
                     text = postprocess_generated_text(text, decoding.until, None)
                     results.append(text)
                     self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
@@ -182,6 +196,7 @@ class RLAELM(LM):
         """Batches are `batch_size` distinct contexts, longest first, each with all its
         continuations, so each member reads a shared context (a question's choices) once."""
         _check_text_only(requests)
+        self.decisions.start(requests)
         by_context: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_context[request.args[0]].append(i)
@@ -190,18 +205,24 @@ class RLAELM(LM):
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae loglikelihood") as bar:
             for start in range(0, len(contexts), self.batch_size):
                 indices = [i for context in contexts[start : start + self.batch_size] for i in by_context[context]]
-                for i, answer in zip(indices, self.engine.loglikelihood([requests[i].args for i in indices])):
+                with self.decisions.watch([requests[i] for i in indices]):
+                    answers = self.engine.loglikelihood([requests[i].args for i in indices])
+                for i, answer in zip(indices, answers):
                     results[i] = answer
                     self.cache_hook.add_partial("loglikelihood", requests[i].args, answer)
                     bar.update(1)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        collator = Collator([request.args[0] for request in requests], sort_fn=lambda text: (-len(text), text))
+        self.decisions.start(requests)
+        collator = Collator(requests, sort_fn=lambda request: (-len(request.args[0]), request.args[0]))
         results = []
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rlae loglikelihood_rolling") as bar:
             for chunk in collator.get_batched(n=self.batch_size):
-                for text, answer in zip(chunk, self.engine.loglikelihood_rolling(list(chunk))):
+                texts = [request.args[0] for request in chunk]
+                with self.decisions.watch(chunk):
+                    answers = self.engine.loglikelihood_rolling(texts)
+                for text, answer in zip(texts, answers):
                     results.append(answer)
                     self.cache_hook.add_partial("loglikelihood_rolling", (text,), answer)
                     bar.update(1)

@@ -1,14 +1,17 @@
-"""Shared fixtures: two tiny local members of different tokenizer families, and tiny harness tasks.
+"""Shared fixtures: three tiny local members of different tokenizer families, and tiny harness tasks.
 
 - ``bpe_member``: byte-level BPE tokenizer + random Llama (see tests/tiny_models.py)
 - ``sp_member``:  SentencePiece-style byte-fallback tokenizer + random Gemma 3 text model
+- ``unigram_member``: SentencePiece Unigram without byte fallback (``<unk>``) + random OLMo 2
 - ``bpe_padded_member``: the bpe member whose logits are 40 rows wider than its tokenizer
 - ``sp_sliding_member``: the sp member with an 8-token sliding-window layer (as Gemma 3's 512)
 - ``sp_special_bytes_member``: the sp member whose tokenizer flags its <0xNN> byte tokens special
-- ``tokenizers``, ``vocabs``: kind -> tokenizer / MemberVocab, for the tiny members ("bpe", "sp")
+- ``tokenizers``, ``vocabs``: kind -> tokenizer / MemberVocab, for the tiny members ("bpe", "sp", "unigram")
   and the presets' own tokenizers ("smollm2-135m", "gemma3-270m"; no model is loaded)
 - ``tiny_tasks_dir``: a directory of lm-eval task YAMLs over local JSONL (see tests/tiny_tasks.py)
 - ``tiny_task_manager``: ``lm_eval.tasks.TaskManager(include_path=tiny_tasks_dir)``
+- ``device``: runs a test on each device present: ``cpu``, and ``cuda`` (marked ``cuda``) where
+  ``torch.cuda.is_available()``, skipped with the reason otherwise; ``make gpu-check`` runs ``-m cuda``
 
 Everything is built once per session under pytest's tmp dirs, offline.
 """
@@ -25,6 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
@@ -32,6 +36,14 @@ if str(_TESTS_DIR) not in sys.path:
 
 import tiny_models  # noqa: E402
 import tiny_tasks  # noqa: E402
+
+
+NO_CUDA = f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda})"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])])
+def device(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +61,11 @@ def bpe_member(tiny_models_dir) -> str:
 @pytest.fixture(scope="session")
 def sp_member(tiny_models_dir) -> str:
     return str(tiny_models_dir / "sp")
+
+
+@pytest.fixture(scope="session")
+def unigram_member(tiny_models_dir) -> str:
+    return str(tiny_models_dir / "unigram")
 
 
 @pytest.fixture(scope="session")
@@ -82,13 +99,13 @@ class _Lazy(dict):
 
 
 @pytest.fixture(scope="session")
-def tokenizers(bpe_member, sp_member):
+def tokenizers(bpe_member, sp_member, unigram_member):
     """A test asking for a preset that `make models` has not converted is skipped."""
     from transformers import AutoTokenizer
 
     from lm_eval_rlae.offline.presets import preset_dir
 
-    tiny = {"bpe": bpe_member, "sp": sp_member}
+    tiny = {"bpe": bpe_member, "sp": sp_member, "unigram": unigram_member}
 
     def load(kind):
         path = tiny.get(kind) or preset_dir(kind)

@@ -4,6 +4,8 @@ from a kill exactly, and refuse checkpoints that do not fit with a message that 
 
 The members are the two tiny ones of different tokenizer families; the tasks (tests/tiny_route.py)
 are built from them so that each member alone is right on one kind of input and wrong on the other.
+Three members (the third family, a Unigram tokenizer with `<unk>`) on three kinds of input: RLAE_PPO
+(a Dirichlet over three) and RLAE_MAPPO (three actors, a ratio each) learn them too.
 """
 
 from __future__ import annotations
@@ -192,7 +194,10 @@ def test_training_writes_what_an_rl_engineer_reads(trained):
     spec = json.loads((out / "best" / "agent.json").read_text())
     assert spec["algorithm"] == "ppo" and spec["state"] == "members" and spec["span_length"] == 2
     assert spec["training"]["tasks"] == {"route_mc": 1.0, "route_gen": 1.0} and "validation" in spec["training"]
-    assert json.loads((out / "config.json").read_text())["algorithm"] == "ppo"
+    leaves = {"route_mc": {"share": 0.5, "entry": "route_mc", "splits": {"train": "train", "validation": "validation", "test": "test"}}}
+    assert spec["training"]["leaf_tasks"]["route_mc"] == leaves["route_mc"] and set(spec["training"]["leaf_tasks"]) == {"route_mc", "route_gen"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == "ppo" and config["leaf_tasks"] == spec["training"]["leaf_tasks"]
 
 
 @pytest.mark.parametrize("mc_rows", [0, 16])
@@ -398,6 +403,81 @@ def test_agent_and_weights_together_are_refused(trained, bpe_member, sp_member):
 
     with pytest.raises(ValueError, match="not both"):
         RLAELM(members=f"[{bpe_member},{sp_member}]", agent=str(trained["ppo"] / "best"), weights="[0.5,0.5]")
+
+
+# ----------------------------------------------------------------------------- three members
+
+
+@pytest.fixture(scope="module")
+def three_members(bpe_member, sp_member, unigram_member) -> list[str]:
+    return [bpe_member, sp_member, unigram_member]
+
+
+@pytest.fixture(scope="module")
+def route3_tasks(tmp_path_factory, three_members) -> str:
+    return tiny_route.write_route_tasks(tmp_path_factory.mktemp("route3"), three_members, n_mc=900, n_gen=240)
+
+
+@pytest.fixture(scope="module")
+def trained_three(tmp_path_factory, three_members, route3_tasks) -> tuple[dict[str, Path], list[tuple]]:
+    """Both agents for three members, and the shape of MAPPO's old log-probs at each update. Cheaper
+    than the pair's: most rows draw the cached multiple-choice documents, a few decode generation ones
+    (the decision at the end of a prompt is the same state in both kinds of task)."""
+    from trainer.agents.algorithms import MAPPO
+
+    root, shapes, original = tmp_path_factory.mktemp("agents3"), [], MAPPO._preprocess_batch
+
+    def recorded(self, batch, buffer, indices):
+        batch = original(self, batch, buffer, indices)
+        shapes.append(tuple(batch.logp_old.shape))
+        return batch
+
+    small = dict(members=three_members, rows=4, mc_rows=60, updates_per_epoch=5, epochs=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MAPPO, "_preprocess_batch", recorded)
+        trained = {a: train(_config(None, None, route3_tasks, root / a, algorithm=a, **small)) for a in ("ppo", "mappo")}
+    return trained, shapes
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "mappo"])
+def test_agents_for_three_members_learn_which_member_each_input_needs(trained_three, run_route3, three_members, algorithm):
+    trained, shapes = trained_three
+    history = json.loads((trained[algorithm] / "validation.json").read_text())
+    assert max(e["validation"]["mean"] for e in history["epochs"]) > history["baselines"]["uniform"]["mean"] + 0.15, history
+    members = f"members=[{','.join(three_members)}]"
+    uniform = _harness(run_route3, members)
+    agent = _harness(run_route3, f"{members},agent={trained[algorithm] / 'best'}")
+    for task in ("route_mc", "route_gen"):  # on the test documents, through the harness
+        assert agent[task] >= uniform[task] + 0.15, (algorithm, task, agent, uniform)
+    spec, actor = load_agent(str(trained[algorithm] / "best"))
+    assert spec.members == three_members and len(set(spec.vocab_fingerprints)) == 3
+    assert [name for name, _ in spec.layout.segments] == ["hidden.0", "hidden.1", "hidden.2", "stats.0", "stats.1", "stats.2", "shared"]
+    alpha, _ = actor(torch.randn(5, spec.layout.size))
+    assert alpha.shape == (5, 3) and (alpha > 0).all()  # a Dirichlet over three weights (MAPPO: three Gammas)
+    if algorithm == "mappo":  # one actor and one clipped ratio per member: old log-probs [B, 3], not a joint [B]
+        assert len(actor.heads) == 3 and shapes and all(len(shape) == 2 and shape[1] == 3 for shape in shapes), shapes
+
+
+@pytest.fixture(scope="module")
+def run_route3(route3_tasks):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=route3_tasks, include_defaults=False)
+    return lambda model, model_args: lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=["route_mc", "route_gen"], task_manager=manager, batch_size=16
+    )["results"]
+
+
+def test_an_agent_for_two_members_given_three_and_one_for_three_given_two_are_refused(trained, trained_three, three_members):
+    with pytest.raises(AgentCheckpointError, match=r"trained for 2 members, members=\[.*\], not 3: .*train an agent for these 3 members"):
+        AgentPolicy.load(str(trained["ppo"] / "best"), three_members)
+    with pytest.raises(AgentCheckpointError, match=r"trained for 3 members, members=\[.*\], not 2"):
+        AgentPolicy.load(str(trained_three[0]["mappo"] / "best"), three_members[:2])
+    from lm_eval_rlae.lm import RLAELM
+
+    with pytest.raises(AgentCheckpointError, match="trained for 2 members"):  # before any model loads
+        RLAELM(members=f"[{','.join(three_members)}]", agent=str(trained["mappo"] / "best"), device="cpu")
 
 
 def test_config_flags_override_the_yaml(tmp_path):

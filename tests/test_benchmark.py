@@ -1,4 +1,5 @@
-"""The benchmark command runs the members alone and the ensemble on the same requests."""
+"""The benchmark command runs the members alone and the ensemble on the same requests (on every
+device present: `device`), and its arithmetic."""
 
 import re
 
@@ -8,13 +9,14 @@ import torch
 from lm_eval_rlae.benchmark import PeakMemory, Run, main, report
 
 
-def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, capsys):
+def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, device, capsys):
     """Each weighting step by step and speculative (with its acceptance and tokens per verify pass)."""
-    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
-          "--repeats", "2", "--devices", "cpu,cpu", "--gate", "0.5"])
+    results = main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
+                    "--repeats", "2", "--devices", f"{device},{device}", "--dtype", "float32", "--gate", "0.5"])
     out = capsys.readouterr().out
     assert "3 prompts x 4 new tokens" in out and "12 loglikelihood requests" in out and "fastest of 2 rounds" in out
-    assert "devices cpu, cpu," in out
+    assert f"devices {device}, {device}, dtypes float32, float32," in out
+    assert list(results) == [1, 2] and all(result["table"] in out for result in results.values())
     tables = re.split(r"^batch size (\d+)$", out, flags=re.M)[1:]
     assert tables[::2] == ["1", "2"]
     for batch_size, table in zip(tables[::2], tables[1::2]):
@@ -66,10 +68,10 @@ def test_members_on_their_own_devices_are_measured_against_the_slowest():
     assert "rlae / slowest member, batch 8: generate_until 1.10, loglikelihood 1.20, peak memory 1.00 / 1.00" in report(runs, 2, 8, own_devices=True)
 
 
-def test_peak_memory_sees_what_a_block_allocates_and_frees():
-    with PeakMemory([torch.device("cpu")]) as small:
-        torch.ones(2**10).sum()
-    with PeakMemory([torch.device("cpu")]) as large:
-        block = torch.ones(2**26)  # 256 MiB, written, then freed before the block ends
+def test_peak_memory_sees_what_a_block_allocates_and_frees(device):
+    with PeakMemory([torch.device(device)]) as small:
+        torch.ones(2**10, device=device).sum()
+    with PeakMemory([torch.device(device)]) as large:
+        block = torch.ones(2**26, device=device)  # 256 MiB, written, then freed before the block ends
         del block
     assert large.extra >= 250 * 2**20 > small.extra

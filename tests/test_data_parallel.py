@@ -1,6 +1,7 @@
 """Data-parallel evaluation: `accelerate launch --num_processes 2 -m lm_eval --model rlae ...` splits
 the documents over two processes and gathers them, with the same result as one process, document by
-document. End to end through the CLI, on CPU (gloo)."""
+document, and rank 0 writes every process's weight decisions beside the samples. End to end through
+the CLI, on CPU (gloo)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,21 @@ def _samples(output: Path) -> dict[str, dict]:
     return out
 
 
+def _decisions(output: Path) -> dict[str, list]:
+    """{task/doc id/request idx: weights of each decision} from the decisions files."""
+    from lm_eval_rlae.decisions import read_decisions
+
+    return {
+        f"{task}/{line['doc_id']}/{line['idx']}": line.get("spans", [line.get("weights")])
+        for task in TASKS.split(",")
+        for line in read_decisions(output, task)
+    }
+
+
 def test_two_processes_give_the_one_process_results(tmp_path, bpe_member, sp_member, tiny_tasks_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    args = ["-m", "lm_eval", "--model", "rlae", "--model_args", f"members=[{bpe_member},{sp_member}]", "--tasks", TASKS,
+    # perplexity weights: a policy that reads the state, so each process records decisions
+    args = ["-m", "lm_eval", "--model", "rlae", "--model_args", f"members=[{bpe_member},{sp_member}],weights=perplexity", "--tasks", TASKS,
             "--include_path", tiny_tasks_dir, "--batch_size", "4", "--log_samples"]
     one = subprocess.run([sys.executable, *args, "--output_path", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -50,6 +63,10 @@ def test_two_processes_give_the_one_process_results(tmp_path, bpe_member, sp_mem
     assert parallel.keys() == single.keys()
     for key in single:
         # the same texts and choices; scores equal up to float32 noise (a document meets other documents in a batch)
+        assert _close(parallel[key], single[key]), (key, parallel[key], single[key])
+    single, parallel = _decisions(tmp_path / "one"), _decisions(tmp_path / "two")
+    assert len(single) > 40 and parallel.keys() == single.keys()  # every request of both ranks, in rank 0's files
+    for key in single:
         assert _close(parallel[key], single[key]), (key, parallel[key], single[key])
 
 

@@ -1,10 +1,14 @@
 """`--model rlae` against `--model hf` through the harness itself, per sample, on the tiny tasks.
 
-The equalities of DESIGN.md: one member, two copies of one member, and one-hot weights all give
-that member's results as `--model hf` computes them (loglikelihoods within 1e-4, the same
-is_greedy, rolling loglikelihoods within 1e-4 or 1e-5 relative, identical greedy generations).
-A heterogeneous ensemble does not depend on batch size or request order and generates valid text.
+The equalities of DESIGN.md: one member, copies of one member, and one-hot weights all give that
+member's results as `--model hf` computes them (loglikelihoods within 1e-4, the same is_greedy,
+rolling loglikelihoods within 1e-4 or 1e-5 relative, identical greedy generations), with two members
+and with three of three tokenizer families (byte-level BPE, byte-fallback SentencePiece, Unigram
+with `<unk>`). A heterogeneous ensemble does not depend on batch size or request order and
+generates valid text.
 The command-line forms of `members` work, and `lm_eval --model rlae` runs next to `--model hf`.
+The strongest equalities (one member, one-hot weights, a sliding-window member in mixed batches) run
+on every device present (the `device` fixture: CUDA where there is one).
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ def assert_valid_text(samples: dict, label: str) -> None:
             assert "\n" not in text, f"{label} {doc_id}: the stop string was not cut: {text!r}"
 
 
-def hf(path):
-    return {"pretrained": path, "device": "cpu"}
+def hf(path, device="cpu"):
+    return {"pretrained": path, "device": device}
 
 
 def rlae(members, **kwargs):
@@ -87,23 +91,26 @@ def rlae(members, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def members(bpe_member, sp_member):
-    return {"bpe": bpe_member, "sp": sp_member}
+def members(bpe_member, sp_member, unigram_member):
+    return {"bpe": bpe_member, "sp": sp_member, "unigram": unigram_member}
+
+
+THREE = ["bpe", "sp", "unigram"]
 
 
 # ---------------------------------------------------------------------------- equalities
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-@pytest.mark.parametrize("kind", ["bpe", "sp"])
-def test_one_member_equals_hf(run_eval, members, kind, batch_size):
+@pytest.mark.parametrize("kind", THREE)
+def test_one_member_equals_hf(run_eval, members, kind, batch_size, device):
     # batch size 1 on the scoring tasks only: one-by-one generation is the slow part, and batched
     # generation (4) is the harder case for equality anyway
     tasks = ALL if batch_size > 1 else ["tiny_mc", "tiny_roll"]
-    want = run_eval("hf", hf(members[kind]), ALL)
-    got = run_eval("rlae", rlae([members[kind]]), tasks, batch_size=batch_size)
+    want = run_eval("hf", hf(members[kind], device), ALL)
+    got = run_eval("rlae", rlae([members[kind]], device=device), tasks, batch_size=batch_size)
     for task in tasks:
-        assert_same_samples(task, got[task], want[task], f"rlae[{kind}] bs={batch_size} vs hf[{kind}]")
+        assert_same_samples(task, got[task], want[task], f"rlae[{kind}] bs={batch_size} vs hf[{kind}] on {device}")
 
 
 def test_one_member_with_logits_wider_than_its_tokenizer_equals_hf(run_eval, bpe_padded_member, bpe_member):
@@ -128,6 +135,14 @@ def test_two_copies_of_a_member_equal_that_member(run_eval, members, kind):
         assert_same_samples(task, got[task], want[task], f"rlae[{kind},{kind}] vs hf[{kind}]")
 
 
+def test_three_copies_of_a_member_equal_that_member(run_eval, members):
+    """Three copies of the Unigram member: one vocabulary, so its `<unk>` is chosen as hf chooses it."""
+    want = run_eval("hf", hf(members["unigram"]), ALL)
+    got = run_eval("rlae", rlae([members["unigram"]] * 3), ["tiny_gen", "tiny_mc"], batch_size=4)
+    for task in ["tiny_gen", "tiny_mc"]:
+        assert_same_samples(task, got[task], want[task], "rlae[unigram x3] vs hf[unigram]")
+
+
 def test_perplexity_weights_on_copies_equal_that_member(run_eval, members):
     """weights=perplexity (PackLLM) through the harness: copies read the prompt equally, so they weigh
     the same and the ensemble is the member, on generation, choices and rolling text alike."""
@@ -145,13 +160,24 @@ def test_gate_zero_is_the_first_member_alone(run_eval, members):
 
 
 @pytest.mark.parametrize("hot", [0, 1])
-def test_one_hot_weights_equal_that_member(run_eval, members, hot):
+def test_one_hot_weights_equal_that_member(run_eval, members, hot, device):
     kind = ["bpe", "sp"][hot]
     weights = [1.0, 0.0] if hot == 0 else [0.0, 1.0]
-    want = run_eval("hf", hf(members[kind]), ALL)
-    got = run_eval("rlae", rlae([members["bpe"], members["sp"]], weights=weights), ALL, batch_size=4)
+    want = run_eval("hf", hf(members[kind], device), ALL)
+    got = run_eval("rlae", rlae([members["bpe"], members["sp"]], weights=weights, device=device), ALL, batch_size=4)
     for task in ALL:
-        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp] weights={weights} vs hf[{kind}]")
+        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp] weights={weights} vs hf[{kind}] on {device}")
+
+
+@pytest.mark.parametrize("hot", [0, 1, 2])
+def test_one_hot_weights_on_each_of_three_members_equal_that_member(run_eval, members, hot):
+    """Three members of three tokenizer families: each, weighted alone, is that member as hf runs it."""
+    weights = [float(m == hot) for m in range(3)]
+    tasks = ALL if THREE[hot] == "unigram" else ["tiny_gen", "tiny_mc"]  # bpe's and sp's rolling text: the pair's one-hot test
+    want = run_eval("hf", hf(members[THREE[hot]]), ALL)
+    got = run_eval("rlae", rlae([members[kind] for kind in THREE], weights=weights), tasks, batch_size=4)
+    for task in tasks:
+        assert_same_samples(task, got[task], want[task], f"rlae[bpe,sp,unigram] weights={weights} vs hf[{THREE[hot]}]")
 
 
 def test_one_hot_weights_from_the_command_line_form(run_eval, members):
@@ -226,13 +252,20 @@ SLIDING_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def sliding_hf_alone(sp_sliding_member):
-    """hf's generation for each prompt alone (batch size 1: no padding at all)."""
+    """device -> hf's generation for each prompt alone (batch size 1: no padding at all)."""
     from lm_eval.models.huggingface import HFLM
 
-    return tiny_tasks.generate(HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=1), SLIDING_PROMPTS)
+    made = {}
+
+    def alone(device):
+        if device not in made:
+            made[device] = tiny_tasks.generate(HFLM(pretrained=sp_sliding_member, device=device, batch_size=1), SLIDING_PROMPTS)
+        return made[device]
+
+    return alone
 
 
-def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding_member, bpe_member, sliding_hf_alone):
+def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding_member, bpe_member, sliding_hf_alone, device):
     """Gemma-style sliding-window layers count cache slots: every row of a batch must see its own
     last 8 tokens whatever its neighbours' lengths, as in hf's left-padded batches. The member
     alone at every batch size, two copies of it and one-hot weights on it all give hf's text."""
@@ -243,19 +276,19 @@ def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding
     tokenizer = AutoTokenizer.from_pretrained(sp_sliding_member)
     lengths = [len(tokenizer(p).input_ids) for p in SLIDING_PROMPTS]
     assert min(lengths) < 8 and max(lengths) > 300, lengths  # the window bites, and the mix is wide
-    everything = len(SLIDING_PROMPTS)
-    hf_batched = HFLM(pretrained=sp_sliding_member, device="cpu", batch_size=everything)
-    assert tiny_tasks.generate(hf_batched, SLIDING_PROMPTS) == sliding_hf_alone  # hf itself is batch-size independent
-    alone = get_model("rlae")(members=[sp_sliding_member], device="cpu")
+    everything, want = len(SLIDING_PROMPTS), sliding_hf_alone(device)
+    hf_batched = HFLM(pretrained=sp_sliding_member, device=device, batch_size=everything)
+    assert tiny_tasks.generate(hf_batched, SLIDING_PROMPTS) == want  # hf itself is batch-size independent
+    alone = get_model("rlae")(members=[sp_sliding_member], device=device)
     for batch_size in (1, 2, 3, everything):
         alone.batch_size = batch_size
-        assert tiny_tasks.generate(alone, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae[sp_sliding] batch_size={batch_size}"
+        assert tiny_tasks.generate(alone, SLIDING_PROMPTS) == want, f"rlae[sp_sliding] batch_size={batch_size} on {device}"
     for label, model_args in {
         "copies": dict(members=[sp_sliding_member, sp_sliding_member]),
         "one-hot": dict(members=[bpe_member, sp_sliding_member], weights=[0.0, 1.0]),
     }.items():
-        lm = get_model("rlae")(**model_args, device="cpu", batch_size=everything)
-        assert tiny_tasks.generate(lm, SLIDING_PROMPTS) == sliding_hf_alone, f"rlae {label} batch_size={everything}"
+        lm = get_model("rlae")(**model_args, device=device, batch_size=everything)
+        assert tiny_tasks.generate(lm, SLIDING_PROMPTS) == want, f"rlae {label} batch_size={everything} on {device}"
 
 
 # ---------------------------------------------------------------------------- heterogeneous
@@ -271,6 +304,23 @@ def test_heterogeneous_results_do_not_depend_on_batch_size_or_order(run_eval, me
     assert_valid_text(one["tiny_gen"], "rlae[bpe,sp] bs=1")
     assert_valid_text(four["tiny_gen"], "rlae[bpe,sp] bs=4")
     assert_valid_text(four["tiny_gen_shuf"], "rlae[bpe,sp] shuffled")
+
+
+def test_three_families_do_not_depend_on_batch_size_or_order(run_eval, members):
+    three = [members[kind] for kind in THREE]
+    one = run_eval("rlae", rlae(three), ALL, batch_size=1)
+    four = run_eval("rlae", rlae(three), ALL + SHUF, batch_size=4)
+    for task, shuf in zip(ALL, SHUF):
+        assert_same_samples(task, four[task], one[task], "rlae[bpe,sp,unigram] bs=4 vs bs=1")
+        assert_same_samples(task, four[shuf], one[task], "rlae[bpe,sp,unigram] shuffled bs=4 vs bs=1")
+    assert_valid_text(one["tiny_gen"], "rlae[bpe,sp,unigram] bs=1")
+    assert_valid_text(four["tiny_gen"], "rlae[bpe,sp,unigram] bs=4")
+    # a real mixture of three: on or above the weighted mean of the members' own loglikelihoods (Jensen)
+    alone = [run_eval("hf", hf(members[kind]), ALL) for kind in THREE]
+    for doc_id, s in one["tiny_mc"].items():
+        for c, (mixed, _) in enumerate(s["filtered_resps"]):
+            own = [a["tiny_mc"][doc_id]["filtered_resps"][c][0] for a in alone]
+            assert sum(own) / 3 - LL_ATOL <= mixed <= 0, (doc_id, c, mixed, own)
 
 
 def test_heterogeneous_mixture_is_a_real_mixture(run_eval, members):

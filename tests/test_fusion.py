@@ -1,4 +1,5 @@
-"""The fusion engine's own invariants, on the two tiny members of different tokenizer families."""
+"""The fusion engine's own invariants, on the two tiny members of different tokenizer families.
+Those that read scores, hidden states and caches run on every device present (`device`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,21 @@ CONTEXTS = ["Q: 12+7=\nA:", "The quick brown fox", "Hello 你好 🙂 and", "x"]
 
 
 @pytest.fixture(scope="module")
-def members(bpe_member, sp_member):
-    return [Member(MemberSpec.parse(path, {"device": "cpu"})) for path in (bpe_member, sp_member)]
+def members_on(bpe_member, sp_member):
+    """device -> the two tiny members on it, loaded once per device."""
+    made = {}
+
+    def on(device):
+        if device not in made:
+            made[device] = [Member(MemberSpec.parse(path, {"device": device})) for path in (bpe_member, sp_member)]
+        return made[device]
+
+    return on
+
+
+@pytest.fixture(scope="module")
+def members(members_on):
+    return members_on("cpu")
 
 
 def _generation(members, policy, contexts=CONTEXTS, max_gen_toks=24, span_length=4, **decoding):
@@ -188,7 +202,7 @@ def test_segments_are_cut_where_every_member_has_a_boundary():
     assert mixture_logprob([a, b], np.array([0.0, 1.0])) == pytest.approx(-3.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("kinds", [("bpe", "sp"), tuple(PRESETS)])
+@pytest.mark.parametrize("kinds", [("bpe", "sp"), ("bpe", "sp", "unigram"), tuple(PRESETS)])
 def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_otherwise(vocabs, kinds):
     """Any (context, continuation), each member's continuation tokens cut as lm-eval's _encode_pair
     cuts them (whole minus context: byte-level tokens end inside characters, and a member may merge
@@ -205,7 +219,8 @@ def test_scoring_segments_of_any_text_are_exact_for_one_hot_weights_and_bounded_
             ids = mv.tokenizer.encode(context + continuation, add_special_tokens=False)
             ids = ids[len(mv.tokenizer.encode(context, add_special_tokens=False)) :]
             logprobs = -rng.exponential(2.0, len(ids))
-            scored.append(Scored(logprobs, mv.token_lengths[ids], greedy=False, decision_logprobs=None, decision_hidden=None))
+            lengths = mv.reading_lengths(context + continuation, ids)  # an <unk> spans what it replaced
+            scored.append(Scored(logprobs, lengths, greedy=False, decision_logprobs=None, decision_hidden=None))
         totals = np.array([s.token_logprobs.sum() for s in scored])
         for m, total in enumerate(totals):
             assert mixture_logprob(scored, np.eye(len(members))[m]) == pytest.approx(total, abs=1e-9)
@@ -255,7 +270,8 @@ class _HiddenStatePolicy(WeightPolicy):
         return torch.ones(state.batch_size, self.n_members)
 
 
-def test_policies_can_read_final_hidden_states(members):
+def test_policies_can_read_final_hidden_states(members_on, device):
+    members = members_on(device)
     policy = _HiddenStatePolicy(members)
     engine = FusionEngine(members, policy)
     engine.generate(["The quick brown fox"], Decoding(until=[], max_gen_toks=4))
@@ -280,15 +296,16 @@ class _RecordingPerplexity(PerplexityPolicy):
 @torch.no_grad()
 def _logppl(member, text: str) -> float:
     """Mean -log p of the member's tokens of `text` after the first, from one plain forward over them."""
-    ids = torch.tensor([member.lm.tok_encode(text)])
+    ids = torch.tensor([member.lm.tok_encode(text)], device=member.device)
     logprobs = member.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
     return float(-logprobs.gather(-1, ids[0, 1:, None]).mean())
 
 
-def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members):
+def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members_on, device):
     """`weights=perplexity`: softmax(-log-perplexity / T) of each member's own reading of the prompt,
     taken from the forward pass the engine runs anyway, the same when generating and when scoring,
     rows of different lengths in one batch."""
+    members = members_on(device)
     prompts = ["The quick brown fox", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12"]
     expected = torch.tensor([[_logppl(member, prompt) for member in members] for prompt in prompts])  # [B, M]
     policy = _RecordingPerplexity(len(members), temperature=0.5)
@@ -297,8 +314,8 @@ def test_perplexity_weights_are_packllm_of_each_members_own_perplexity(members):
     engine.loglikelihood([(prompt, " jumps") for prompt in prompts])
     assert len(policy.seen) == 3  # two spans of generation, one scoring batch
     for logppl, weights in policy.seen:
-        torch.testing.assert_close(logppl, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(weights, torch.softmax(-expected / 0.5, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logppl.cpu(), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(weights.cpu(), torch.softmax(-expected / 0.5, -1), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(policy.seen[0][1][0], policy.seen[0][1][1])  # the prompts get different weights
 
 
@@ -311,9 +328,10 @@ def test_perplexity_of_a_head_it_cannot_read_is_refused(bpe_member):
         FusionEngine([member, member], PerplexityPolicy(2)).loglikelihood([("The quick brown fox", " jumps")])
 
 
-def test_members_the_gate_skipped_catch_up_exactly(members, monkeypatch):
+def test_members_the_gate_skipped_catch_up_exactly(members_on, device, monkeypatch):
     """With the confidence gate, the second member skips the steps the first decides alone and later
     catches up on them in one forward: its cache then reads every token as if fed one by one."""
+    members = members_on(device)
     forwards = {member.name: 0 for member in members}
     for member in members:
         original = member.forward
@@ -343,3 +361,58 @@ def test_gate_is_checked_before_any_model_loads():
     for gate in (1.0, -0.1, "high"):
         with pytest.raises(ValueError, match="probability in \\[0, 1\\)"):
             RLAELM(members="[no-such-model-anywhere]", gate=gate)
+
+
+# ----------------------------------------------------------------------------- three families, <unk>
+
+
+@pytest.fixture(scope="module")
+def three(members, unigram_member):
+    """bpe, sp and the Unigram member, which has no byte fallback: what it cannot spell is `<unk>`."""
+    return [*members, Member(MemberSpec.parse(unigram_member, {"device": "cpu"}))]
+
+
+def _known(vocab, text: bytes) -> bytes:
+    """The characters of text the Unigram member has pieces for (it reads the others as `<unk>`)."""
+    known = {c for i, b in enumerate(vocab.token_bytes) if not vocab.is_special[i] for c in b.decode("utf-8")}
+    return "".join(c for c in text.decode("utf-8", errors="ignore") if c in known).encode("utf-8")
+
+
+def test_three_families_keep_the_text_utf8_and_the_unigram_member_reads_unk_where_it_cannot_spell(three):
+    """Uniform over three vocabularies: the text stays UTF-8 (each pair of families could break a
+    character), `<unk>` is never chosen (it is no text), and the Unigram member, fed characters the
+    others chose that it has no piece for, reads them as its own tokenizer does: `<unk>`."""
+    contexts = [*CONTEXTS, "東京は日本の首都で、", "Say hello in Chinese: 你好"]
+    generation = _generation(three, UniformPolicy(3), contexts=contexts, max_gen_toks=32)
+    generation._catch_up()
+    unigram, stream = three[2], generation.streams[2]
+    unk, unknown_read = unigram.vocab.unk_id, 0
+    for r, (context, row) in enumerate(zip(contexts, generation.rows)):
+        assert not _invalid_inside(row.text), row.text
+        assert not set(row.tokens) & set(generation.union.unknown.tolist()), "a <unk> was chosen as text"
+        n_context = len(generation._context_ids(unigram, context))
+        fed = stream.ids[r][n_context:]
+        spelt = unigram.vocab.decode_bytes(fed)
+        assert spelt in (_known(unigram.vocab, row.text), _known(unigram.vocab, row.text[: -len(generation.union.token_bytes[row.tokens[-1]])]))
+        if unk in fed:
+            unknown_read += 1
+            assert _known(unigram.vocab, row.text) != row.text  # only where the text has characters it cannot spell
+    assert unknown_read > 0, "no row had a character the Unigram member cannot spell: the test proves nothing"
+
+
+def test_a_continuation_the_unigram_member_reads_as_unk_is_mixed_over_the_characters_unk_replaced(three):
+    """Scoring cuts a continuation where every member has a token boundary: the Unigram member's
+    `<unk>` must span the characters it replaced (" 你好 👋!": [▁][<unk>: 你好][▁][<unk>: 👋][!]), so
+    the segments are those characters for every member, and the mixture is taken over them."""
+    bpe, _, unigram = three
+    engine = FusionEngine([bpe, unigram], FixedPolicy([0.5, 0.5]))
+    request = ("Pick the greeting:\nAnswer:", " 你好 👋!")
+    scored_bpe, scored_unigram = (per_member[0] for per_member in engine.score([request]))
+    assert unigram.tokenizer.convert_ids_to_tokens(unigram.lm._encode_pair(*request)[1]) == ["▁", "<unk>", "▁", "<unk>", "!"]
+    assert scored_unigram.token_lengths.tolist() == [1, 6, 1, 4, 1]
+    ends = np.cumsum(scored_bpe.token_lengths)  # the byte-level member's own boundaries
+    assert ends[-1] == len(request[1].encode())
+    segments = np.searchsorted([1, 7, 8, 12, 13], ends, side="left")  # its tokens, by the unigram member's segments
+    bpe_segments = np.bincount(segments, weights=scored_bpe.token_logprobs, minlength=5)
+    expected = np.logaddexp(np.log(0.5) + bpe_segments, np.log(0.5) + scored_unigram.token_logprobs).sum()
+    assert engine.loglikelihood([request])[0][0] == pytest.approx(expected, abs=1e-9)

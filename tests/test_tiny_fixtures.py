@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -10,21 +12,26 @@ import tiny_tasks
 
 
 @pytest.fixture(scope="module")
-def tokenizers(bpe_member, sp_member):
-    from transformers import AutoTokenizer
-
-    return {"bpe": AutoTokenizer.from_pretrained(bpe_member), "sp": AutoTokenizer.from_pretrained(sp_member)}
+def paths(bpe_member, sp_member, unigram_member):
+    return {"bpe": bpe_member, "sp": sp_member, "unigram": unigram_member}
 
 
 @pytest.fixture(scope="module")
-def models(bpe_member, sp_member):
+def tokenizers(paths):
+    from transformers import AutoTokenizer
+
+    return {k: AutoTokenizer.from_pretrained(p) for k, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def models(paths):
     from transformers import AutoModelForCausalLM
 
-    return {k: AutoModelForCausalLM.from_pretrained(p).eval() for k, p in (("bpe", bpe_member), ("sp", sp_member))}
+    return {k: AutoModelForCausalLM.from_pretrained(p).eval() for k, p in paths.items()}
 
 
-def test_two_different_tokenizer_families(tokenizers, models):
-    bpe, sp = tokenizers["bpe"], tokenizers["sp"]
+def test_three_different_tokenizer_families(tokenizers, models):
+    bpe, sp, unigram = tokenizers["bpe"], tokenizers["sp"], tokenizers["unigram"]
     assert type(bpe.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
     assert type(bpe.backend_tokenizer.decoder).__name__ == "ByteLevel"
     sp_model = sp.backend_tokenizer.model
@@ -37,6 +44,14 @@ def test_two_different_tokenizer_families(tokenizers, models):
     assert 400 <= len(bpe) <= 600 and 400 <= len(sp) <= 700
     assert type(models["bpe"]).__name__ == "LlamaForCausalLM"
     assert type(models["sp"]).__name__ == "Gemma3ForCausalLM"
+    # the third: Unigram without byte fallback, "<unk>" for what it cannot spell, a third architecture
+    unigram_model = unigram.backend_tokenizer.model
+    assert type(unigram_model).__name__ == "Unigram" and not json.loads(unigram.backend_tokenizer.to_str())["model"]["byte_fallback"]
+    assert type(unigram.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
+    assert not any(p.startswith("<0x") for p in unigram.get_vocab()) and 400 <= len(unigram) <= 600
+    assert unigram.convert_ids_to_tokens(unigram.encode("a 你好\tb", add_special_tokens=False)) == ["a", "▁", "<unk>", "b"]  # a run fused
+    assert unigram.decode(unigram.encode("a 你好\tb"), skip_special_tokens=True) == "a b"
+    assert type(models["unigram"]).__name__ == "Olmo2ForCausalLM"
     # a piece the two families spell differently
     assert bpe.convert_ids_to_tokens(bpe.encode(" the"))[0].startswith("Ġ")
     assert sp.convert_ids_to_tokens(sp.encode(" the", add_special_tokens=False))[0].startswith("▁")
@@ -62,13 +77,14 @@ def test_chat_templates_differ_and_render(tokenizers):
     out = {k: t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) for k, t in tokenizers.items()}
     assert out["bpe"] == "<|im_start|>user\nQ: 1+1=<|im_end|>\n<|im_start|>assistant\n"
     assert out["sp"] == "<bos><start_of_turn>user\nQ: 1+1=<end_of_turn>\n<start_of_turn>model\n"
+    assert out["unigram"] == "<s>[INST] Q: 1+1= [/INST]"
     for k, t in tokenizers.items():
         special = set(t.all_special_tokens)
-        markers = {"bpe": ["<|im_start|>", "<|im_end|>"], "sp": ["<start_of_turn>", "<end_of_turn>"]}[k]
+        markers = {"bpe": ["<|im_start|>", "<|im_end|>"], "sp": ["<start_of_turn>", "<end_of_turn>"], "unigram": ["<s>", "</s>"]}[k]
         assert special.issuperset(markers)
 
 
-@pytest.mark.parametrize("kind", ["bpe", "sp"])
+@pytest.mark.parametrize("kind", ["bpe", "sp", "unigram"])
 def test_greedy_paths_have_no_near_ties(tokenizers, models, kind):
     """Greedy generations must not flip under batching noise: top-1 vs top-2 gaps stay clear."""
     import torch
@@ -86,9 +102,9 @@ def test_greedy_paths_have_no_near_ties(tokenizers, models, kind):
     assert min_gap > 1e-3, f"{kind}: near-tie on a greedy path (gap {min_gap:.2e}); change the seed"
 
 
-@pytest.mark.parametrize("kind", ["bpe", "sp"])
-def test_tiny_tasks_run_with_hf(run_eval, bpe_member, sp_member, kind):
-    path = {"bpe": bpe_member, "sp": sp_member}[kind]
+@pytest.mark.parametrize("kind", ["bpe", "sp", "unigram"])
+def test_tiny_tasks_run_with_hf(run_eval, paths, kind):
+    path = paths[kind]
     res = run_eval("hf", {"pretrained": path, "device": "cpu"}, ["tiny_gen", "tiny_mc", "tiny_roll"])
     assert len(res["tiny_gen"]) == len(tiny_tasks.GEN_DOCS)
     assert len(res["tiny_mc"]) == len(tiny_tasks.MC_DOCS)

@@ -1,12 +1,15 @@
-"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.engine.vocab`) on both tiny
-tokenizer families and on the real presets' own tokenizers (SmolLM2's byte-level BPE, Gemma 3's
-SentencePiece-style BPE with byte fallback; skipped when `make models` has not converted them).
+"""Property tests of the byte-exact vocabularies (`lm_eval_rlae.engine.vocab`) on the three tiny
+tokenizer families (byte-level BPE, SentencePiece BPE with byte fallback, SentencePiece Unigram
+without it, whose unknown characters are `<unk>`) and on the real presets' own tokenizers (SmolLM2's
+byte-level BPE, Gemma 3's SentencePiece-style BPE with byte fallback; skipped when `make models` has
+not converted them).
 
 MemberVocab: every id maps to the exact bytes it adds to the text; any byte string (partial UTF-8
 included) can be fed to a member; the text of any ids is what the member's own decoder (hf's
-tok_decode) makes of them. UnionVocab: every member token has a union id with identical bytes and
-a way back, so any member's tokens reach every other member byte-exactly; all end-of-sequence
-tokens are one union id.
+tok_decode) makes of them; a member without byte fallback reads what it cannot spell as its own
+tokenizer does (`<unk>`, which stands for no bytes). UnionVocab: every member token has a union id
+with identical bytes and a way back, so any member's tokens reach every other member as it reads
+them; all end-of-sequence tokens are one union id.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from lm_eval_rlae.engine import utf8
 from lm_eval_rlae.offline.presets import PRESETS
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TINY = ["bpe", "sp"]
+TINY = ["bpe", "sp", "unigram"]
+UNK = ["unigram"]  # no byte fallback: a character outside its pieces is <unk>
 REAL = list(PRESETS)  # the presets' tokenizers, read from their converted directories
 KINDS = TINY + REAL
 PAD_ROWS = 13  # extra logit rows past the tokenizer, as models with padded embeddings have
@@ -32,7 +36,17 @@ PAD_ROWS = 13  # extra logit rows past the tokenizer, as models with padded embe
 def _text_for(kind: str, t: str) -> str:
     # SentencePiece's normalizer maps a literal U+2581 to a space (Gemma does the same): such text
     # is not representable byte-exactly by that member's canonical tokens.
-    return t.replace("▁", "_") if kind in ("sp", "gemma3-270m") else t
+    return t.replace("▁", "_") if kind in ("sp", "unigram", "gemma3-270m") else t
+
+
+def _reading(kind: str, mv, data: bytes) -> bytes:
+    """The bytes of `data` a member reads, by definition: all but the bytes no token contains; for a
+    member without byte fallback, the whole characters of its pieces and nothing else (a character
+    outside them is `<unk>`, and a broken character's bytes have no token)."""
+    if kind not in UNK:
+        return data.translate(None, mv.unspellable_bytes)
+    known = {c for i, b in enumerate(mv.token_bytes) if not mv.is_special[i] for c in b.decode("utf-8")}
+    return "".join(c for c in data.decode("utf-8", errors="ignore") if c in known).encode("utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +61,7 @@ def union(request, vocabs, padded_vocabs):
     """(union, its member vocabularies, their kinds)"""
     from lm_eval_rlae.engine.vocab import UnionVocab
 
-    kinds = REAL if request.param == "real" else TINY
+    kinds = {"tiny": TINY, "tiny-padded": TINY[:2], "real": REAL}[request.param]  # padding: the pair is enough
     members = [(padded_vocabs if request.param == "tiny-padded" else vocabs)[k] for k in kinds]
     return UnionVocab(members), members, kinds
 
@@ -64,7 +78,7 @@ def test_canonical_ids_map_to_the_exact_text_bytes(tokenizers, vocabs, kind):
     def check(t):
         t = _text_for(kind, t)
         ids = tok.encode(t, add_special_tokens=False)
-        assert b"".join(mv.token_bytes[i] for i in ids) == t.encode("utf-8").translate(None, mv.unspellable_bytes)
+        assert b"".join(mv.token_bytes[i] for i in ids) == _reading(kind, mv, t.encode("utf-8"))
 
     check()
 
@@ -78,8 +92,8 @@ def test_encode_bytes_is_byte_exact_for_any_bytes(vocabs, padded_vocabs, kind):
         def check(data):
             ids = mv.encode_bytes(data)
             assert all(isinstance(i, int) and 0 <= i < len(mv.token_bytes) for i in ids)
-            assert b"".join(mv.token_bytes[i] for i in ids) == data.translate(None, mv.unspellable_bytes)
-            assert not any(mv.is_special[i] for i in ids), "encode_bytes must not produce special tokens"
+            assert b"".join(mv.token_bytes[i] for i in ids) == _reading(kind, mv, data)
+            assert not any(mv.is_special[i] and i != mv.unk_id for i in ids), "encode_bytes must not produce special tokens but <unk>"
 
         check()
 
@@ -150,7 +164,8 @@ def test_special_tokens_stand_for_no_text(tokenizers, vocabs, kind):
     tok, mv = tokenizers[kind], vocabs[kind]
     assert len(mv.token_bytes) == len(mv.is_special) == len(tok)
     names = {"bpe": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-             "sp": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]}[kind]
+             "sp": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+             "unigram": ["<pad>", "</s>", "<s>", "<unk>"]}[kind]
     for name in names:
         i = tok.convert_tokens_to_ids(name)
         assert mv.is_special[i], name
@@ -185,6 +200,29 @@ def test_token_bytes_of_both_families(tokenizers, vocabs):
     assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids("▁")] == b" "
     word = next(p for p in sp.get_vocab() if p.startswith("▁") and len(p) > 2 and p[1:].isalpha())
     assert vocabs["sp"].token_bytes[sp.convert_tokens_to_ids(word)] == (" " + word[1:]).encode()
+
+
+def test_a_member_without_byte_fallback_reads_what_it_cannot_spell_as_its_tokenizer_does(tokenizers, vocabs, caplog):
+    """The Unigram member has no byte tokens: a character outside its pieces is `<unk>`, as its own
+    tokenizer reads it ("ñ" too, though its first byte is also the first byte of its "é"), and `<unk>`
+    stands for no bytes; the bytes of a character cut in two are left out (warned once), until the
+    character is whole. Scoring gives an `<unk>` the bytes of the characters it replaced."""
+    tok, mv = tokenizers["unigram"], vocabs["unigram"]
+    unk = tok.unk_token_id
+    assert mv.unk_id == unk and mv.is_special[unk] and mv.token_bytes[unk] == b""
+    assert vocabs["bpe"].unk_id is None  # SmolLM2-like: its unk is its eos
+    assert "é".encode()[0] == "ñ".encode()[0] and tok.convert_tokens_to_ids("é") != unk
+    for text in ("ñ", "éñ", "a\tb", " 你好 👋 x", "straße"):
+        assert unk in tok.encode(text, add_special_tokens=False), text
+        assert mv.encode_bytes(text.encode()) == tok.encode(text, add_special_tokens=False), text
+    caplog.clear()
+    assert mv.encode_bytes("ñ".encode()[:1]) == [] and mv.encode_bytes(b"a" + "你".encode()[1:]) == tok.encode("a", add_special_tokens=False)
+    assert sum("has no token for byte" in r.getMessage() for r in caplog.records) <= 1
+    context, continuation = "Answer:", " 你好 👋!"
+    ids = tok.encode(context + continuation, add_special_tokens=False)[len(tok.encode(context, add_special_tokens=False)) :]
+    assert tok.convert_ids_to_tokens(ids) == ["▁", "<unk>", "▁", "<unk>", "!"]
+    assert mv.reading_lengths(context + continuation, ids).tolist() == [1, 6, 1, 4, 1]
+    assert mv.token_lengths[ids].tolist() == [1, 0, 1, 0, 1]  # what a token alone stands for
 
 
 def test_byte_tokens_flagged_special_keep_their_byte_and_are_hidden(vocabs, sp_special_bytes_member):
@@ -253,8 +291,8 @@ def test_tokens_with_the_same_bytes_share_a_union_id_across_members(union):
         for m in owners:
             back = int(uv.from_union[m][u])
             assert back >= 0 and members[m].token_bytes[back] == b, (b, m)
-        shared += len(owners) == 2
-    assert shared >= 256  # at least every single byte is shared by the two families
+        shared += len(owners) >= 2
+    assert shared >= 256  # at least every single byte is shared by the byte-level and byte-fallback families
 
 
 def uv_is_special(uv, u) -> bool:
@@ -316,28 +354,34 @@ def test_union_ids_of_canonical_tokens_spell_the_text(union, tokenizers):
             ids = tokenizers[kind].encode(tt, add_special_tokens=False)
             us = uv.to_union[m][ids].tolist() if ids else []
             assert all(0 <= u < uv.size for u in us)
-            assert b"".join(uv.token_bytes[u] for u in us) == tt.encode("utf-8").translate(None, members[m].unspellable_bytes)
+            assert b"".join(uv.token_bytes[u] for u in us) == _reading(kind, members[m], tt.encode("utf-8"))
 
     check()
 
 
 def test_any_members_tokens_reach_every_other_member_byte_exactly(union):
     """Generation feeds each member the chosen union token as its own id, or re-encoded: for any
-    bytes, cut wherever one member's tokens end (inside characters too), every member is fed exactly
-    those bytes (less those that either member cannot spell)."""
-    uv, members, _ = union
+    bytes, cut wherever one member's tokens end (inside characters too), every member that spells
+    every byte is fed exactly those bytes (less those that either member cannot spell), and every
+    member reads each piece as it reads it alone. A `<unk>` is never chosen where vocabularies mix."""
+    uv, members, kinds = union
 
     @PROPERTY
     @given(text_strategies.any_bytes)
     def check(data):
-        for proposer in members:
-            chosen = [uv.to_union[members.index(proposer)][i] for i in proposer.encode_bytes(data)]
-            for m, mv in enumerate(members):
-                fed = []
-                for u in map(int, chosen):
+        for p, proposer in enumerate(members):
+            chosen = [u for u in uv.to_union[p][proposer.encode_bytes(data)].tolist() if u not in uv.unknown]
+            written = _reading(kinds[p], proposer, data)
+            assert b"".join(uv.token_bytes[u] for u in chosen) == written
+            for m, (kind, mv) in enumerate(zip(kinds, members)):
+                fed, read = [], b""
+                for u in chosen:
                     own = int(uv.from_union[m][u])
                     fed += [own] if own >= 0 else mv.encode_bytes(uv.token_bytes[u])
-                assert mv.decode_bytes(fed) == data.translate(None, proposer.unspellable_bytes + mv.unspellable_bytes)
+                    read += _reading(kind, mv, uv.token_bytes[u])
+                assert mv.decode_bytes(fed) == read
+                if kind not in UNK:
+                    assert read == written.translate(None, mv.unspellable_bytes)
 
     check()
 

@@ -1,4 +1,4 @@
-"""Tiny, deterministic, local Hugging Face members of two tokenizer families, built in seconds.
+"""Tiny, deterministic, local Hugging Face members of three tokenizer families, built in seconds.
 
 - ``bpe``: GPT-2 style byte-level BPE (ByteLevel pre-tokenizer/decoder, the 256-byte initial
   alphabet), ``<|endoftext|>`` as bos/eos, ChatML-style chat markers, a random ``LlamaForCausalLM``.
@@ -6,12 +6,17 @@
   with no dummy prefix, pieces start at "▁", the 256 ``<0xNN>`` byte tokens in the model vocab,
   ``<bos>`` prepended by the post-processor, Gemma-style turn markers, a random
   ``Gemma3ForCausalLM`` (``Gemma3TextConfig``).
+- ``unigram``: SentencePiece Unigram (T5 / ALBERT style) with NO byte fallback: a Metaspace
+  pre-tokenizer (" " -> "▁", no dummy prefix), pieces of printable ASCII plus "é" and "ü", and
+  ``<unk>`` for every other character (tabs, most non-ASCII, emoji, CJK), fused over a run; a
+  random ``Olmo2ForCausalLM`` (transformers loads a Qwen2 model's tokenizer as Qwen2's byte-level
+  BPE whatever its tokenizer.json says; OLMo 2 takes the file as it is). Decoding drops ``<unk>`` (a special token), as hf decodes.
 
-Both directories load with ``AutoTokenizer.from_pretrained``, ``AutoModelForCausalLM.from_pretrained``
+All three directories load with ``AutoTokenizer.from_pretrained``, ``AutoModelForCausalLM.from_pretrained``
 and ``lm_eval --model hf --model_args pretrained=<dir>``. The random weights use a large
 ``initializer_range`` so that greedy argmaxes are not near-ties (batching noise must not flip them).
 
-Nothing here downloads anything. ``build_all(root)`` writes ``root/bpe`` and ``root/sp``.
+Nothing here downloads anything. ``build_all(root)`` writes ``root/bpe``, ``root/sp`` and ``root/unigram``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import json
 import os
 from pathlib import Path
 
-# A few KB of English: sentences, numbers, arithmetic, punctuation, newlines. Both tokenizers
-# are trained on it; characters outside it (emoji, CJK, tabs) go through bytes.
+# A few KB of English: sentences, numbers, arithmetic, punctuation, newlines. The tokenizers are
+# trained on it; characters outside it (emoji, CJK, tabs) go through bytes, or become <unk>.
 CORPUS = """\
 The quick brown fox jumps over the lazy dog.
 A small model can still learn a few useful words, numbers and signs.
@@ -114,6 +119,15 @@ SP_CHAT_TEMPLATE = (
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Llama-2 style: no turn markers of its own, the bos token opens the chat
+UNIGRAM_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -224,6 +238,46 @@ def build_sp_tokenizer(vocab_size: int = 600, special_bytes: bool = False):
     return fast
 
 
+UNIGRAM_SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]
+# Every printable ASCII character, and two of Latin-1: "é" known, so "ñ" (which shares its first byte)
+# is an unknown character whose bytes are not all foreign to the tokenizer.
+UNIGRAM_ALPHABET = [chr(c) for c in range(0x21, 0x7F)] + ["é", "ü"]
+
+
+def build_unigram_tokenizer(vocab_size: int = 500):
+    """SentencePiece Unigram without byte fallback, wrapped in a fast tokenizer: a character outside
+    its pieces is `<unk>` (one `<unk>` for a run of them), not bytes.
+
+    ids: 0 <pad>, 1 </s>, 2 <s>, 3 <unk>, then the learned pieces. No bos or eos is added to text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    # no dummy prefix: text keeps its bytes ("Hello" is not " Hello"), as the sp member's
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=UNIGRAM_SPECIALS,
+        unk_token="<unk>",
+        initial_alphabet=UNIGRAM_ALPHABET,
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_lines(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    fast.chat_template = UNIGRAM_CHAT_TEMPLATE
+    return fast
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -289,6 +343,30 @@ def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3, sli
     return model
 
 
+def build_unigram_model(tokenizer, seed: int = 99, initializer_range: float = 0.3):
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = Olmo2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=initializer_range,
+        bos_token_id=ids("<s>"),
+        eos_token_id=ids("</s>"),
+        pad_token_id=ids("<pad>"),
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return Olmo2ForCausalLM(cfg).eval()
+
+
 def _save(tokenizer, model, path: Path) -> str:
     from transformers import GenerationConfig
 
@@ -308,7 +386,7 @@ def _save(tokenizer, model, path: Path) -> str:
 def build_member(kind: str, path: str | os.PathLike) -> str:
     """Writes the tiny member ``kind`` into ``path``; returns the path as str.
 
-    kinds: "bpe", "sp", "bpe_padded" (the bpe member with 40 logit rows past its tokenizer) and
+    kinds: "bpe", "sp", "unigram", "bpe_padded" (the bpe member with 40 logit rows past its tokenizer) and
     "sp_sliding" (the sp member with an 8-token sliding-window layer) and "sp_special_bytes" (the sp
     member, same weights, whose <0xNN> byte tokens its tokenizer also flags special).
     """
@@ -322,6 +400,9 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
     elif kind == "sp":
         tok = build_sp_tokenizer()
         model = build_sp_model(tok)
+    elif kind == "unigram":
+        tok = build_unigram_tokenizer()
+        model = build_unigram_model(tok)
     elif kind == "sp_special_bytes":
         tok = build_sp_tokenizer(special_bytes=True)
         model = build_sp_model(tok)
@@ -329,13 +410,13 @@ def build_member(kind: str, path: str | os.PathLike) -> str:
         tok = build_sp_tokenizer()
         model = build_sp_model(tok, sliding_window=8)
     else:
-        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'bpe_padded', 'sp_sliding' or 'sp_special_bytes'")
+        raise ValueError(f"unknown tiny member kind {kind!r}; use 'bpe', 'sp', 'unigram', 'bpe_padded', 'sp_sliding' or 'sp_special_bytes'")
     return _save(tok, model, path)
 
 
 def build_all(root: str | os.PathLike) -> dict[str, str]:
     root = Path(root)
-    return {kind: build_member(kind, root / kind) for kind in ("bpe", "sp")}
+    return {kind: build_member(kind, root / kind) for kind in ("bpe", "sp", "unigram")}
 
 
 if __name__ == "__main__":  # python tests/tiny_models.py /tmp/tiny

@@ -3,7 +3,7 @@
 ``write_tiny_tasks(root)`` writes, under ``root``:
 
 - ``tiny_gen``   generate_until: "Q: 12+7=\\nA:", until "\\n", max_gen_toks 16, exact_match
-- ``tiny_mc``    multiple_choice: 3-4 choices, acc / acc_norm
+- ``tiny_mc``    multiple_choice: 3-5 choices, acc / acc_norm
 - ``tiny_roll``  loglikelihood_rolling: short texts (unicode, emoji, CJK, tabs, runs of spaces),
                  plus one long text that needs several windows of a 512-token model; word/byte
                  perplexity, bits_per_byte
@@ -32,8 +32,8 @@ GEN_DOCS = [
     {"question": "Say hello in Chinese: 你好 or 🤗?", "answer": "你好"},
 ]
 
-# " day" (bpe) and " the" (sp) are the tiny members' greedy continuations of two of these prompts,
-# so is_greedy is True somewhere for each member.
+# " day" (bpe), " the" (sp) and " se" (unigram) are the tiny members' greedy continuations of three of
+# these prompts, so is_greedy is True somewhere for each member.
 MC_DOCS = [
     {"question": "What is the capital of France?", "choices": ["Paris", "London", "Rome", "Berlin"], "label": 0},
     {"question": "Which animal says \"moo\"?", "choices": ["The dog.", "The cow.", "the"], "label": 1},
@@ -42,7 +42,7 @@ MC_DOCS = [
     {"question": "Water freezes at", "choices": ["0 degrees", "100 degrees", "50 degrees"], "label": 0},
     {"question": "Which one is a color?", "choices": ["Monday", "purple", "seven", "day"], "label": 1},
     {"question": "Pick the greeting:", "choices": ["再见", "你好 👋", "谢谢"], "label": 1},
-    {"question": "The sun is a", "choices": ["planet", "moon", "star", "comet"], "label": 2},
+    {"question": "The sun is a", "choices": ["planet", "moon", "star", "comet", "se"], "label": 2},
 ]
 
 _LONG = (

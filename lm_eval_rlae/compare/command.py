@@ -16,8 +16,9 @@ and two upper bounds read off the members alone: oracle routing (each task sent 
 on it) and the per-document oracle (right where any member is right).
 
 Every finished (method, task) is kept under `output/runs/`, keyed by the members, the method's model
-arguments, the task, the split and the limit: a killed comparison started again, or one with a new
-method or task, runs only what is missing. `report` turns the runs into table.md, table.json and the
+arguments, the task, the split and the limit, and written whole (a temporary file renamed into place):
+a killed comparison started again, or one with a new method or task, runs only what is missing, and a
+run file that does not parse is run again. `report` turns the runs into table.md, table.json and the
 plots.
 """
 
@@ -35,13 +36,15 @@ from pathlib import Path
 
 from lm_eval_rlae import dataclass_config
 from lm_eval_rlae.compare.config import CONFIGS, CompareConfig, load_config, methods
+from lm_eval_rlae.files import read_json, write_text
 
 # ----------------------------------------------------------------------------- runs
 
 
 class Runs:
     """The finished (method, task) runs under `root`, each a JSON with its key, per-document scores
-    and the contexts of each document's requests; cost and weight decisions per method."""
+    and the harness run it came from (whose output holds the samples, the cost, and an agent's
+    weight decisions)."""
 
     def __init__(self, root: Path, config: CompareConfig):
         self.root, self.config = root, config
@@ -54,9 +57,9 @@ class Runs:
         return self.root / _slug(label) / f"{task}.json"
 
     def load(self, label: str, task: str, key: dict) -> dict | None:
-        path = self.path(label, task)
-        saved = json.loads(path.read_text()) if path.is_file() else None
-        return saved if saved and saved["key"] == key else None
+        """The run, when it is there, whole, and of this key (one that does not parse is run again)."""
+        saved = read_json(self.path(label, task))
+        return saved if isinstance(saved, dict) and saved.get("key") == key else None
 
     def run(self, label: str, model: str, model_args: str, tasks: list[str], progress: typing.Callable[[str], None]) -> None:
         """One harness run of `tasks` under one method; its samples become per-task run files."""
@@ -65,7 +68,7 @@ class Runs:
 
         c = self.config
         method_dir = self.root / _slug(label)
-        harness_out = method_dir / f"harness-{time.strftime('%Y%m%d-%H%M%S')}"
+        harness_out = method_dir / f"harness-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # another rlae-compare may start this second
         harness_out.mkdir(parents=True, exist_ok=True)
         include = c.include_path or str(task_configs(c.split, self.root))
         count_with = resolve_preset(c.members[0]) or c.members[0]  # generated tokens in the first member's tokens
@@ -92,27 +95,24 @@ class Runs:
         for task in tasks:
             if task not in samples:
                 raise SystemExit(f"{label}: the harness wrote no samples of {task}; see {log}")
-            path = self.path(label, task)
-            path.write_text(json.dumps({"key": self.key(model, model_args, task), "run": harness_out.name, **samples[task]}) + "\n")
-        (harness_out / "cost.json").write_text(json.dumps(cost) + "\n")
+        write_text(harness_out / "cost.json", json.dumps(cost) + "\n")  # before the run files that point to it
+        for task in tasks:
+            write_text(self.path(label, task), json.dumps({"key": self.key(model, model_args, task), "run": harness_out.name, **samples[task]}) + "\n")
 
 
 def _samples(harness_out: Path) -> dict[str, dict]:
-    """{task: {"metric", "scores": {doc_id: value}, "contexts": {doc_id: [context key]}}} from the
-    logged samples, with each task's first metric under its first filter."""
-    from lm_eval_rlae.compare.worker import context_key
-
+    """{task: {"metric", "filter", "scores": {doc_id: value}}} from the logged samples, with each
+    task's first metric under its first filter."""
     out: dict[str, dict] = {}
     for path in sorted(harness_out.rglob("samples_*.jsonl")):
         task = re.sub(r"^samples_(.+)_\d{4}-\d\d-\d\dT.*$", r"\1", path.stem)
         for line in path.read_text().splitlines():
             sample = json.loads(line)
-            entry = out.setdefault(task, {"metric": sample["metrics"][0], "filter": sample["filter"], "scores": {}, "contexts": {}})
+            entry = out.setdefault(task, {"metric": sample["metrics"][0], "filter": sample["filter"], "scores": {}})
             if sample["filter"] != entry["filter"]:
                 continue
             doc = str(sample["doc_id"])
             entry["scores"][doc] = float(sample[entry["metric"]])
-            entry["contexts"][doc] = sorted({context_key(args["arg_0"]) for args in sample["arguments"].values()})
     return out
 
 

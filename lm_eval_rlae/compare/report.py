@@ -4,7 +4,8 @@ Per task and overall (the mean over tasks, each task counting once): accuracy wi
 interval; the paired difference of every method to the best single member, to uniform and to the
 best fixed weights (paired bootstrap over the same documents); what each method cost. Plots: accuracy
 with intervals per method and task; an agent's weights over the spans of sample documents; the
-distribution of an agent's weights per task.
+distribution of an agent's weights per task. The weights are read from the decisions files the
+harness run wrote beside its samples (`lm_eval_rlae.decisions`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from lm_eval_rlae.compare.config import methods, short_names
 from lm_eval_rlae.compare.stats import paired_interval, wilson
+from lm_eval_rlae.decisions import read_decisions
 
 
 UPPER_BOUNDS = ("oracle routing", "per-document oracle")
@@ -113,23 +115,35 @@ def accuracy_plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list[str]]], members: list[str], out: Path) -> list[Path]:
+def per_document(lines: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """{doc_id: {span: weights}} from one task's decisions lines: a generation's weights per span, or
+    a scored document's one decision (its choices share their context, so the first choice's)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for line in lines:
+        if line["repeat"]:
+            continue
+        doc = str(line["doc_id"])
+        if line["request_type"] == "generate_until":
+            out[doc] = dict(enumerate(line["spans"]))
+        else:
+            out.setdefault(doc, {0: line["weights"]})
+    return out
+
+
+def weight_plots(decisions: dict[str, dict[str, dict[str, dict[int, list[float]]]]], members: list[str], out: Path) -> list[Path]:
     """Per agent: its weights over the spans of sample generation documents (one line per member),
-    and the distribution of its weight on the first member per task. `decisions`: {label: [[context
-    key, span, weights]]}; `documents`: {task: {doc: [context keys]}}."""
+    and the distribution of each member's weight per task (one box per member; with two members the
+    second box mirrors the first). `decisions`: {label: {task: per_document(its decisions lines)}}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    where = {key: (task, doc) for task, docs in documents.items() for doc, keys in docs.items() for key in keys}
     names = short_names(members)
     written = []
-    for label, entries in decisions.items():
-        per_doc: dict[tuple[str, str], dict[int, list[float]]] = {}
-        for key, span, weights in entries:
-            if key in where:
-                per_doc.setdefault(where[key], {})[span] = weights  # a document's choices share one decision
+    for label, by_task in decisions.items():
+        per_doc = {(task, doc): spans for task, docs in by_task.items() for doc, spans in docs.items()}
         long = sorted((d for d, spans in per_doc.items() if len(spans) > 1), key=lambda d: (d[0], int(d[1]) if d[1].isdigit() else d[1]))
         samples = [long[i] for i in np.linspace(0, len(long) - 1, min(6, len(long))).astype(int)] if long else []
         fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
@@ -138,6 +152,7 @@ def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list
             for m, name in enumerate(names):
                 axes[0].plot(spans, [per_doc[(task, doc)][s][m] for s in spans], color=f"C{k}", linestyle=("-", "--", ":", "-.")[m % 4],
                              marker="o", markersize=3, label=f"{task.removeprefix('bb_')} #{doc}, {name}")
+        axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # spans are counted
         axes[0].set_xlabel("span (decision) index")
         axes[0].set_ylabel("weight")
         axes[0].set_ylim(-0.02, 1.02)
@@ -147,14 +162,22 @@ def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list
         else:
             axes[0].text(0.5, 0.5, "no generation document took more than one decision", ha="center", transform=axes[0].transAxes)
         tasks = sorted({task for task, _ in per_doc})
-        data = [[spans[s][0] for (t, _), spans in per_doc.items() if t == task for s in spans] for task in tasks]
+        width = 0.8 / len(names)
+        for m, name in enumerate(names):
+            data = [[spans[s][m] for (t, _), spans in per_doc.items() if t == task for s in spans] for task in tasks]
+            if tasks:
+                boxes = axes[1].boxplot(data, positions=np.arange(len(tasks)) + (m - (len(names) - 1) / 2) * width, widths=0.9 * width,
+                                        showfliers=False, patch_artist=True, manage_ticks=False)
+                for box in boxes["boxes"]:
+                    box.set(facecolor=f"C{m}", alpha=0.6)
+                axes[1].plot([], [], color=f"C{m}", linewidth=6, alpha=0.6, label=name)  # the legend's swatch
         if tasks:
-            axes[1].boxplot(data, showfliers=False)
-            axes[1].set_xticks(range(1, len(tasks) + 1))
+            axes[1].set_xticks(range(len(tasks)))
             axes[1].set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=55, ha="right", fontsize=8)
-        axes[1].set_ylabel(f"weight on {names[0]}")
+            axes[1].legend(fontsize=7, loc="upper right")
+        axes[1].set_ylabel("weight")
         axes[1].set_ylim(-0.02, 1.02)
-        axes[1].set_title(f"{label}: weight on {names[0]} per task, every decision", fontsize=10)
+        axes[1].set_title(f"{label}: each member's weight per task, every decision", fontsize=10)
         fig.tight_layout()
         path = out / f"weights_{label.replace(' ', '_')}.png"
         fig.savefig(path, dpi=120)
@@ -166,7 +189,7 @@ def weight_plots(decisions: dict[str, list], documents: dict[str, dict[str, list
 def report(config, runs, labels: list[str], output: Path) -> dict:
     """Read every (method, task) run and write table.md, table.json and the plots into `output`."""
     plan = methods(config)
-    scores, cost, decisions, documents = {}, {}, {}, {}
+    scores, cost, decisions = {}, {}, {}
     for label in labels:
         saved = {t: runs.load(label, t, runs.key(*plan[label], t)) for t in config.tasks}
         scores[label] = {t: s["scores"] for t, s in saved.items()}
@@ -182,9 +205,11 @@ def report(config, runs, labels: list[str], output: Path) -> dict:
             "peak_gpu_gib": max((p["peak_gpu_gib"] for p in parts if p["peak_gpu_gib"] is not None), default=None),
         }
         if "agent=" in plan[label][1]:
-            decisions[label] = [d for p in parts for d in p["decisions"]]
-        for t, s in saved.items():
-            documents.setdefault(t, {}).update({doc: keys for doc, keys in s["contexts"].items()})
+            decisions[label] = {t: per_document(read_decisions(runs.path(label, t).parent / s["run"], t)) for t, s in saved.items()}
+            if not any(decisions[label].values()):
+                print(f"{label}: its harness runs wrote no decisions files (made before lm-eval-rlae wrote them?): no weight plot; "
+                      f"delete {runs.path(label, config.tasks[0]).parent} to run it again")
+                del decisions[label]
     summary = summarize(scores)
     summary |= {"members": config.members, "split": config.split, "limit": config.limit, "methods": {label: list(plan[label]) for label in labels}, "cost": cost}
     caption = (
@@ -200,6 +225,6 @@ def report(config, runs, labels: list[str], output: Path) -> dict:
     (output / "table.md").write_text(markdown(summary, cost, caption))
     (output / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
     accuracy_plot(summary, output / "accuracy.png", f"{' + '.join(short_names(config.members))}: members alone, ensembles, agents, upper bounds ({config.split} split)")
-    weight_plots(decisions, documents, config.members, output)
+    weight_plots(decisions, config.members, output)
     print(markdown(summary, cost, caption))
     return summary

@@ -4,15 +4,14 @@ measured on the way.
     python -m lm_eval_rlae.compare.worker COST.json COUNT_WITH run --model ... --log_samples ...
 
 The model's request methods (hf's and rlae's) are timed per request type; generated texts are
-counted in tokens of one tokenizer (COUNT_WITH, the first member's, the same unit for every method);
-an rlae model's weight decisions are recorded (row context, span, weights) for the weight plots.
+counted in tokens of one tokenizer (COUNT_WITH, the first member's, the same unit for every method).
 Written to COST.json when the harness returns, with the peak GPU memory where there is a GPU (the
-caller measures the process's peak resident memory).
+caller measures the process's peak resident memory). An agent's weight decisions need nothing here:
+`--log_samples` writes them beside the samples (`lm_eval_rlae.decisions`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -21,26 +20,6 @@ from pathlib import Path
 import torch
 
 REQUEST_TYPES = ("generate_until", "loglikelihood", "loglikelihood_rolling")
-
-
-def context_key(context: str) -> str:
-    """How a recorded decision names its document's request context (the logged samples carry it)."""
-    return hashlib.sha256(context.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
-
-
-class _Recording:
-    """Wraps the engine's policy: the same weights, each decision written down."""
-
-    def __init__(self, policy, decisions: list):
-        self.policy, self.decisions = policy, decisions
-        for flag in ("n_members", "needs_hidden", "needs_prompt_perplexity", "reads_state"):
-            setattr(self, flag, getattr(policy, flag))
-
-    def __call__(self, state):
-        weights = self.policy(state)  # [B, M]
-        for context, span, row in zip(state.contexts, state.span_index.tolist(), weights.tolist()):
-            self.decisions.append([context_key(context), span, [round(w, 5) for w in row]])
-        return weights
 
 
 def main() -> int:
@@ -52,7 +31,7 @@ def main() -> int:
     from lm_eval_rlae.lm import RLAELM
 
     counter = AutoTokenizer.from_pretrained(count_with)
-    cost = {kind: {"seconds": 0.0, "requests": 0} for kind in REQUEST_TYPES} | {"generated_tokens": 0, "decisions": []}
+    cost = {kind: {"seconds": 0.0, "requests": 0} for kind in REQUEST_TYPES} | {"generated_tokens": 0}
 
     def timed(cls, kind):
         original = getattr(cls, kind)
@@ -71,13 +50,6 @@ def main() -> int:
     for cls in (HFLM, RLAELM):
         for kind in REQUEST_TYPES:
             timed(cls, kind)
-    original_init = RLAELM.__init__
-
-    def recording_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.engine.policy = _Recording(self.engine.policy, cost["decisions"])  # already bound to the members
-
-    RLAELM.__init__ = recording_init
     sys.argv[0] = "lm_eval"
     try:
         cli_evaluate()

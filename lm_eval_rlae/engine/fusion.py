@@ -140,7 +140,11 @@ class FusionEngine:
         """Each member's score of each (context, continuation): M x [R]. With `decision_state` and
         `mix`, the seam a trainer uses to score documents once and mix them under many weights."""
         return [
-            self._score(member, [[_encode_pair(member, context, continuation)] for context, continuation in requests])
+            self._score(
+                member,
+                [[_encode_pair(member, context, continuation)] for context, continuation in requests],
+                [render(member.lm, context) + continuation for context, continuation in requests],
+            )
             for member in self.members
         ]
 
@@ -175,24 +179,24 @@ class FusionEngine:
                 or [([lm.prefix_token_id], [])]
                 for string in strings
             ]
-            scored.append(self._score(member, windows))
+            scored.append(self._score(member, windows, strings))
         weights = self.policy(self.decision_state(scored, ["" for _ in strings]))
         return [logprob for logprob, _ in mix(scored, weights)]
 
-    def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]]) -> list[Scored]:
-        """Score each request, given as one or more (context ids, continuation ids) windows."""
+    def _score(self, member: Member, requests: list[list[tuple[list[int], list[int]]]], texts: list[str]) -> list[Scored]:
+        """Score each request, given as one or more (context ids, continuation ids) windows whose
+        continuations end its text (the text: for the bytes each token stands for)."""
         windows = [window for request in requests for window in request]
         scored = []  # per window: (token log-probs, greedy, decision log-probs, decision hidden, context log-perplexity)
         for group in _groups(windows, max_positions=_MAX_LOGITS // len(member.vocab.token_bytes)):
             scored += self._score_windows(member, group)
-        token_lengths = member.vocab.token_lengths
         out, w = [], 0
-        for request in requests:
+        for request, text in zip(requests, texts, strict=True):
             parts = scored[w : w + len(request)]
             out.append(
                 Scored(
                     token_logprobs=np.concatenate([lps for lps, *_ in parts]).astype(np.float64),
-                    token_lengths=np.concatenate([token_lengths[target] for _, target in request]),
+                    token_lengths=member.vocab.reading_lengths(text, [i for _, target in request for i in target]),
                     greedy=all(greedy for _, greedy, *_ in parts),
                     decision_logprobs=parts[0][2],
                     decision_hidden=parts[0][3],
@@ -332,6 +336,7 @@ class Generation:
             contexts=self.contexts,
             generated=self.texts(),
             prompt_logppl=torch.stack([stream.prompt_logppl for stream in self.streams], -1) if policy.needs_prompt_perplexity else None,
+            live=torch.tensor([not self._finished(row) for row in self.rows]),
         )
 
     @torch.no_grad()
@@ -444,7 +449,7 @@ class Generation:
 
     def _finish_characters(self, probs: torch.Tensor, weights: torch.Tensor, texts: list[bytes]) -> torch.Tensor:
         """Where members of different vocabularies are mixed, keep the text UTF-8: a character one
-        member started must be finished before anything else is chosen.
+        member started must be finished before anything else is chosen; and never choose `<unk>`.
 
         Byte-level BPE spells many characters in several tokens; a mixture could otherwise follow
         one member's first bytes with another member's whole token. Rows with one vocabulary
@@ -456,7 +461,8 @@ class Generation:
         mixing = torch.stack([(weights[:, group] > 0).any(-1) for group in groups]).sum(0) > 1  # [N]
         if not mixing.any():
             return probs
-        return self.union.keep_utf8(probs, torch.tensor([utf8.next_byte_range(text) for text in texts]), mixing)
+        probs = self.union.keep_utf8(probs, torch.tensor([utf8.next_byte_range(text) for text in texts]), mixing)
+        return self.union.drop_unknown(probs, mixing.cpu())
 
     def _proposer(self, weights: torch.Tensor, logprobs: list[torch.Tensor | None], own_ids: list[torch.Tensor]) -> list[int]:
         contributions = []

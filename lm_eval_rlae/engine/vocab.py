@@ -7,7 +7,10 @@ A member's token is reduced to the exact bytes it adds to the text:
   fallback);
 - added tokens that are not special stand for their content; special tokens (bos, eos, pad, chat
   markers) stand for no text and are kept apart in the union, keyed by their content, with every
-  end-of-sequence token unified into one union id.
+  end-of-sequence token unified into one union id;
+- `<unk>` (a tokenizer without byte fallback, e.g. a SentencePiece Unigram, reads a character it
+  has no piece for as `<unk>`) is special too: it stands for no bytes of its own, only for the
+  characters it replaced where the member's tokenizer put it (`reading_lengths`).
 
 The union is the set of distinct byte strings over all members. Fusing is then a scatter-add of
 each member's next-token distribution through `to_union[m]`, and feeding a chosen union token back
@@ -86,6 +89,8 @@ class MemberVocab:
     embedding rows past the tokenizer, which stand for nothing).
     hidden_ids: byte-fallback ids the tokenizer also flags special. They stand for their byte when
     fed and scored, but the member's decoder drops them (hf decodes with skip_special_tokens).
+    unk_id: the id its tokenizer gives a run of characters it cannot spell (a Unigram's `<unk>`), or
+    None. Special: no bytes, never chosen as text where vocabularies are mixed (see `UnionVocab`).
     """
 
     tokenizer: object
@@ -95,6 +100,7 @@ class MemberVocab:
     eos_ids: set[int]
     special_content: dict[int, str] = field(default_factory=dict)  # special id -> its content, e.g. "<|im_end|>"
     hidden_ids: set[int] = field(default_factory=set)
+    unk_id: int | None = None
     _dropped: set[int] = field(default_factory=set, init=False, repr=False)  # unspellable bytes met so far, warned once
 
     @classmethod
@@ -127,13 +133,16 @@ class MemberVocab:
         for i in eos:
             special_content.setdefault(i, tokenizer.convert_ids_to_tokens(i))
             token_bytes[i], is_special[i] = b"", True
-        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content, hidden_ids)
+        unk = tokenizer.unk_token_id  # SmolLM2's unk is its eos: then there is none
+        unk = unk if unk is not None and unk not in eos and is_special[unk] else None
+        vocab = cls(tokenizer, token_bytes, is_special, is_byte_fallback, eos, special_content, hidden_ids, unk)
         vocab._check_lossless()
         return vocab
 
     def _check_lossless(self) -> None:
-        got = self.decode_bytes(self.tokenizer.encode(_PROBE, add_special_tokens=False))
-        if got != _PROBE.encode("utf-8"):
+        own = self.tokenizer.encode(_PROBE, add_special_tokens=False)
+        if not self._is_reading(_PROBE, own):
+            got = self.decode_bytes(own)
             logger.warning(
                 "%s does not reproduce text byte-exactly (%r -> %r): its normalizer changes text, so "
                 "tokens it shares with other members may be matched approximately.",
@@ -187,12 +196,16 @@ class MemberVocab:
         return bytes(sorted(set(range(256)) - {b for piece in table for b in piece}))
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Ids whose bytes are exactly `data`, for any bytes, including partial UTF-8, but for
-        `unspellable_bytes`, which are dropped as the member's own tokenizer drops them.
+        """Ids whose bytes are exactly `data`, for any bytes, including partial UTF-8, as far as
+        the member can spell them: as its own tokenizer reads the text.
 
         Valid UTF-8 runs go through the member's own tokenizer (its canonical tokens, checked to be
-        byte-exact); the rest is matched greedily, longest token first, which always succeeds when
-        the vocabulary covers every byte (byte-level BPE, SentencePiece byte fallback).
+        byte-exact but for `unspellable_bytes`, which it drops, and the characters it reads as
+        `<unk>`); the rest, broken characters, is matched greedily, longest token first, which
+        always succeeds when the vocabulary covers every byte (byte-level BPE, SentencePiece byte
+        fallback). A member without byte fallback has no token for a byte of a character cut in
+        two: it reads such bytes only once the character is whole (`fusion.Generation` re-encodes
+        it then), as its own piece or as `<unk>`.
         """
         ids: list[int] = []
         text = data.decode("utf-8", errors="surrogateescape")
@@ -201,14 +214,45 @@ class MemberVocab:
             valid = text[pos : m.start() if m else len(text)]
             if valid:
                 own = self.tokenizer.encode(valid, add_special_tokens=False)
-                raw = valid.encode("utf-8")
-                spelt = self.decode_bytes(own)
-                canonical = spelt == raw or spelt == raw.translate(None, self.unspellable_bytes)
-                ids += own if canonical else self._greedy(raw)
+                ids += own if self._is_reading(valid, own) else self._greedy(valid.encode("utf-8"))
             if m:
                 ids += self._greedy(m.group().encode("utf-8", errors="surrogateescape"))
                 pos = m.end()
         return ids
+
+    def _is_reading(self, text: str, ids: list[int]) -> bool:
+        """Whether `ids`, the tokenizer's for `text`, spell it byte-exactly, but for the bytes no
+        token contains (left out) and the characters read as `<unk>` (left to it)."""
+        raw, spelt = text.encode("utf-8"), self.decode_bytes(ids)
+        if spelt == raw or spelt == raw.translate(None, self.unspellable_bytes):
+            return True
+        if self.unk_id is None or self.unk_id not in ids:
+            return False
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = [span for i, span in zip(encoding.input_ids, encoding.offset_mapping) if i == self.unk_id]
+        known, start = [], 0
+        for begin, end in unknown:
+            known.append(text[start:begin])
+            start = end
+        return spelt == "".join(known + [text[start:]]).encode("utf-8").translate(None, self.unspellable_bytes)
+
+    def reading_lengths(self, text: str, ids: list[int]) -> np.ndarray:
+        """[len(ids)] bytes of `text` that each of `ids` stands for, where `ids` are the last ids of
+        the member's reading of `text` (a continuation being scored): a token's own bytes, and for
+        `<unk>` the characters it replaced (by the tokenizer's offsets). Scoring cuts text where
+        every member has a token boundary, so an `<unk>` must span its characters there."""
+        lengths = self.token_lengths[list(ids)]
+        if self.unk_id is None or self.unk_id not in ids:
+            return lengths
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        n = min(len(ids), len(encoding.input_ids))  # a leading <bos> of ids is not in it
+        first, own_first = len(ids) - n, len(encoding.input_ids) - n
+        if list(ids[first:]) != encoding.input_ids[own_first:]:
+            return lengths
+        for k, (i, (begin, end)) in enumerate(zip(encoding.input_ids[own_first:], encoding.offset_mapping[own_first:])):
+            if i == self.unk_id:
+                lengths[first + k] = len(text[begin:end].encode("utf-8"))
+        return lengths
 
     def _greedy(self, data: bytes) -> list[int]:
         table, longest = self._longest_match
@@ -219,15 +263,25 @@ class MemberVocab:
                     ids.append(i)
                     pos += n
                     break
-            else:  # a byte no token contains: the member reads the text without it
-                if data[pos] not in self._dropped:
-                    self._dropped.add(data[pos])
-                    logger.warning(
-                        "%s has no token for byte %#04x, so it reads text without it (as its own tokenizer does)",
-                        getattr(self.tokenizer, "name_or_path", "tokenizer"), data[pos],
-                    )
+            else:  # a byte no token spells alone: the member reads the text without it
+                self._warn_dropped(data[pos])
                 pos += 1
         return ids
+
+    def _warn_dropped(self, byte: int) -> None:
+        """Once per byte; once in all for a member with `<unk>`, which meets every byte of every
+        character it has no piece for, and reads the whole character later."""
+        if byte in self._dropped or (self.unk_id is not None and self._dropped):
+            return
+        self._dropped.add(byte)
+        name = getattr(self.tokenizer, "name_or_path", "tokenizer")
+        if self.unk_id is None:
+            logger.warning("%s has no token for byte %#04x, so it reads text without it (as its own tokenizer does)", name, byte)
+        else:
+            logger.warning(
+                "%s has no token for byte %#04x of a broken or unfinished character: it reads the character once "
+                "it is whole, as its own tokenizer does (its piece, or <unk>)", name, byte,
+            )
 
 
 class UnionVocab:
@@ -236,7 +290,7 @@ class UnionVocab:
     Union id `eos` (0) stands for every member's end-of-sequence tokens; other special tokens get
     one union id per distinct content (so `<|im_start|>` of two members is one id); every distinct
     non-empty byte string gets one id. Ids a member's logits have but its tokenizer lacks go to a
-    sink column (`size`) that is never chosen.
+    sink column (`size`) that is never chosen. `unknown` holds the union ids of members' `<unk>`.
     """
 
     eos = 0
@@ -279,6 +333,7 @@ class UnionVocab:
         fingerprints = [hash(tuple(vocab.token_bytes)) for vocab in members]
         self.vocab_groups = [[m for m, f in enumerate(fingerprints) if f == g] for g in dict.fromkeys(fingerprints)]
         self.to_union = [torch.tensor([u if u >= 0 else self.size for u in ids], device=device) for ids in to_union]
+        self.unknown = torch.tensor(sorted({ids[v.unk_id] for v, ids in zip(members, to_union) if v.unk_id is not None}), dtype=torch.long, device=device)  # [K]
         self.from_union = []
         for vocab, ids in zip(members, to_union):
             back = torch.full((self.size,), -1, dtype=torch.long)
@@ -310,6 +365,22 @@ class UnionVocab:
             emptied = boundary & (probs.sum(-1, keepdim=True) <= 0)  # [B, 1]
             if emptied.any():
                 probs[:, self._breaks_character] = torch.where(emptied, held, probs[:, self._breaks_character])
+        return probs
+
+    def drop_unknown(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Zero `<unk>` on `rows` ([B] bool), in place, unless a row is left with nothing.
+
+        Where vocabularies are mixed, a member's `<unk>` ("a character I cannot spell") is no text the
+        others could be fed, and it must not reach its own member where the text has no character.
+        """
+        if not len(self.unknown) or not rows.any():
+            return probs
+        rows = rows.to(probs.device)[:, None]  # [B, 1]
+        held = probs[:, self.unknown]  # [B, K]
+        probs[:, self.unknown] = held.masked_fill(rows, 0)
+        emptied = rows & (probs.sum(-1, keepdim=True) <= 0)
+        if emptied.any():
+            probs[:, self.unknown] = torch.where(emptied, held, probs[:, self.unknown])
         return probs
 
     def continues(self, states: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from lm_eval_rlae.files import replacing_directory
 from lm_eval_rlae.offline.presets import cache_dir
 
 __all__ = ["DATA_FORMAT", "SOURCES", "TASK_CONFIGS", "data_dir", "doc_hash", "load", "main", "prepare", "split_of", "task_configs"]
@@ -185,15 +186,13 @@ def _extract_bigbench(archive: Path | None, keep_archive: bool) -> None:
     if all((dest / f / "task.json").is_file() for f in BIGBENCH_FOLDERS):
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bigbench.tmp-", dir=dest.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=".bigbench.tmp-download-", dir=dest.parent) as download, replacing_directory(dest) as out:
         if archive is None:
-            _pip("download", "--no-deps", "--no-binary", ":all:", BIGBENCH, "-d", str(tmp / "dl"))
-            archive = next((tmp / "dl").glob("bigbench-*.tar.gz"))
+            _pip("download", "--no-deps", "--no-binary", ":all:", BIGBENCH, "-d", download)
+            archive = next(Path(download).glob("bigbench-*.tar.gz"))
             if keep_archive:
                 shutil.copy2(archive, dest.parent / archive.name)
         wanted = {_BIGBENCH_ROOT + f + "/task.json": f for f in BIGBENCH_FOLDERS}
-        out = tmp / "bigbench"
         _log(f"extracting {len(wanted)} BIG-bench task files from {archive.name}")
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
@@ -208,11 +207,6 @@ def _extract_bigbench(archive: Path | None, keep_archive: bool) -> None:
                     break
         if wanted:
             raise FileNotFoundError(f"not in {archive}: {sorted(wanted)}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(out, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -344,10 +338,8 @@ def prepare(force: bool = False, bigbench_archive: Path | None = None, keep_arch
     _extract_bigbench(bigbench_archive, keep_archive)
     sources = _build_sources(mmlu_file)
 
-    _tasks_dir().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tasks.tmp-", dir=_tasks_dir().parent))
-    try:
-        counts = {}
+    counts = {}
+    with replacing_directory(_tasks_dir()) as tmp:
         for source, records in sources.items():
             rows = []
             for raw, doc in records:
@@ -367,15 +359,6 @@ def prepare(force: bool = False, bigbench_archive: Path | None = None, keep_arch
             "counts": counts,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        stale = None
-        if _tasks_dir().exists():
-            stale = _tasks_dir().with_name(f".tasks.stale-{os.getpid()}-{time.time_ns()}")
-            os.replace(_tasks_dir(), stale)
-        os.replace(tmp, _tasks_dir())
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     total = sum(sum(c.values()) for c in counts.values())
     _log(f"wrote {total} documents of {len(counts)} sources to {_tasks_dir()} "
          f"in {time.perf_counter() - start:.0f} s")

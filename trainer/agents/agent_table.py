@@ -40,6 +40,7 @@ import numpy as np
 
 from lm_eval_rlae.compare.report import accuracy_plot
 from lm_eval_rlae.compare.stats import paired_interval, wilson
+from lm_eval_rlae.files import read_json, write_text
 
 AGENTS = {"RLAE_PPO": "rlae-ppo-specialists", "RLAE_MAPPO": "rlae-mappo-specialists"}
 
@@ -87,8 +88,8 @@ def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split:
         done[definition] = label
         key = {"members": list(run.config.members), "method": definition, "split": split, "documents": documents}
         path = reuse / f"scores_{label.replace(' ', '_')}.json" if reuse else None
-        saved = json.loads(path.read_text()) if path and path.is_file() else None
-        if saved and saved["key"] == key:
+        saved = read_json(path) if path else None
+        if isinstance(saved, dict) and saved.get("key") == key:
             scores[label], speed[label] = saved["scores"], saved["speed"]
             print(f"{label}: reused {path}", flush=True)
             continue
@@ -98,8 +99,7 @@ def method_scores(run, fixed: list[float] | None, agents: dict[str, str], split:
         scores[label] = {t: dict(zip(documents[t], values)) for t, values in rewards.items()}
         print(f"{label}: {np.mean([np.mean(v) for v in rewards.values()]):.4f} ({speed[label]['seconds']:.0f} s)", flush=True)
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "scores": scores[label], "speed": speed[label]}) + "\n")
+            write_text(path, json.dumps({"key": key, "scores": scores[label], "speed": speed[label]}) + "\n")
     return scores, speed
 
 

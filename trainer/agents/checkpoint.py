@@ -1,19 +1,21 @@
 """Training state on disk without pickle: any nest of dicts, lists and scalars with tensors and
 numpy arrays in it (a Tianshou algorithm's state dict with its optimizer, RNG states, counters)
 becomes `state.safetensors` (every array) and `state.json` (the rest, arrays replaced by their
-keys), written beside the old checkpoint and swapped in, so a kill at any moment leaves one whole
-checkpoint."""
+keys), written beside the old checkpoint and swapped in (`lm_eval_rlae.files`), so a kill at any
+moment, or a second writer, leaves one whole checkpoint. Loading checks the pair before use: a
+damaged checkpoint is a clear error, never half a state."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from lm_eval_rlae.files import reading_directory, replacing_directory
 
 _TENSOR, _ARRAY, _DICT, _TUPLE = "__tensor__", "__ndarray__", "__dict__", "__tuple__"
 
@@ -51,27 +53,27 @@ def _unflatten(value, tensors: dict):
     return value
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be read; the message names the file and what to do."""
+
+
 def save_state(directory: Path, state: dict) -> None:
-    directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, tensors, "")
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(skeleton))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(skeleton))
 
 
 def load_state(directory: Path) -> dict | None:
     """The checkpoint in `directory` (or the one a kill left beside it mid-swap), else None."""
-    directory = Path(directory)
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / "state.json").is_file() and (candidate / "state.safetensors").is_file():
-            return _unflatten(json.loads((candidate / "state.json").read_text()), load_file(str(candidate / "state.safetensors")))
-    return None
+    with reading_directory(directory) as current:
+        if not current.exists():
+            return None
+        try:
+            return _unflatten(json.loads((current / "state.json").read_text()), load_file(str(current / "state.safetensors")))
+        except (OSError, SafetensorError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"the training checkpoint in {current} is damaged ({error!r}): run with --restart to train from scratch "
+                "(or restore the directory from a copy)"
+            ) from error

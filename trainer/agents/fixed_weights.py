@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lm_eval_rlae.files import write_text
 from trainer.agents.run import Run, constant, load_config, summary
 
 
@@ -35,11 +36,11 @@ def simplex_grid(n_members: int, step: float) -> list[tuple[float, ...]]:
 def search(run: Run, step: float) -> dict:
     points = []
     for weights in tqdm(simplex_grid(len(run.members), step), desc="fixed weights on validation", unit="point"):
-        scores = summary(run.evaluate("validation", constant(weights)))
+        scores = summary(run.evaluate("validation", constant(weights)), run.shares)
         points.append({"weights": [round(w, 6) for w in weights], "validation": scores})
         tqdm.write(f"weights {points[-1]['weights']}: {scores['mean']:.4f}")
     best = max(points, key=lambda p: p["validation"]["mean"])
-    return {"members": list(run.config.members), "tasks": list(run.config.tasks), "split": "validation", "best": best, "points": points}
+    return {"members": list(run.config.members), "tasks": list(run.shares), "split": "validation", "best": best, "points": points}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, {"val_docs": args.val_docs})
     out = args.out or Path("runs") / f"{args.config.stem}-fixed"
     result = search(Run(config, splits=("validation",)), args.step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "best_fixed.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / "best_fixed.json", json.dumps(result, indent=2) + "\n")  # whole: `make compare` skips the search when it exists
     weights = ",".join(f"{w:g}" for w in result["best"]["weights"])
     print(f"best fixed weights on validation: weights=[{weights}] (mean {result['best']['validation']['mean']:.4f}); written {out / 'best_fixed.json'}")
     return 0

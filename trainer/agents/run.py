@@ -27,13 +27,16 @@ class TrainConfig:
     """One training run. YAML keys and command-line flags have these names."""
 
     members: list[str]  # as in --model_args members=[...], in order
-    tasks: dict[str, float]  # harness task -> its share of the training episodes (normalised)
+    tasks: dict[str, float]  # harness task, glob over leaf tasks or group -> its share of the training episodes
+    # (normalised; a group's leaves share it as the group's score weighs them: trainer.agents.tasks.TaskMixture)
     algorithm: str = "ppo"  # ppo (one actor, Dirichlet) | mappo (one actor per member, centralised critic)
     state: str = "members"  # members (read off the members) | text (sentence encoder over prompt + output)
     text_encoder: str = TEXT_ENCODER  # the `text` state's encoder: all-minilm-l6-v2 (PyPI) or a HF id
     span_length: int = 4  # union tokens generated between two decisions
     include_path: str | None = str(TASK_CONFIGS)  # where tasks beyond the harness's own are found
-    metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> reward metric (default: its first)
+    metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # task pattern -> reward metric (default: its first)
+    splits: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # task pattern (glob over leaves, or a
+    # name in `tasks`) -> {train|validation|test: its dataset's split or slice}, e.g. {"mmlu_*": {train: "validation[:80%]"}}
     train_docs: int = 400  # per task: the first N of its hash-ordered train split
     val_docs: int = 40  # per task: the first N of its validation split
     test_docs: int = 100  # per task, for rlae-agent-table: the first N of its test split (as lm_eval --limit N)
@@ -89,11 +92,13 @@ class Run:
         from lm_eval_rlae.policies import UniformPolicy
         from trainer.agents.env import EnsembleEnv
         from trainer.agents.scores import ScoreCache
-        from trainer.agents.tasks import load_tasks
+        from trainer.agents.tasks import TaskMixture
 
         self.config = c = config
         if c.algorithm not in ("ppo", "mappo"):
             raise ValueError(f"algorithm={c.algorithm!r}: choose ppo or mappo")
+        self.mixture = TaskMixture(c.tasks, c.splits, c.include_path, roles=splits)  # a bad task or split fails before any model loads
+        self.shares = self.mixture.shares  # leaf task -> its share of the training episodes and of the validation mean
         _seed_everything(c.seed)
         self.members = [Member(MemberSpec.parse(name, {"device": c.device})) for name in c.members]
         self.engine = FusionEngine(self.members, UniformPolicy(len(self.members)), span_length=c.span_length, seed=c.seed)
@@ -107,21 +112,20 @@ class Run:
             span_length=c.span_length,
             network=c.network(),
             text_encoder=c.text_encoder,
-            training={"tasks": c.tasks, "metrics": c.metrics, "config": dataclasses.asdict(c)},
+            training={"tasks": c.tasks, "leaf_tasks": self.mixture.record(), "metrics": c.metrics, "config": dataclasses.asdict(c)},
         )
         self.agent = AgentPolicy(self.spec, self.spec.build_actor(), features=self.features)
         self.engine.use(self.agent)
 
-        names = list(c.tasks)
         limits = {"train": c.train_docs, "validation": c.val_docs, "test": c.test_docs}
-        self.tasks = {split: load_tasks(names, split, c.include_path, limits[split], c.metrics) for split in splits}
+        self.tasks = {split: self.mixture.load(split, limits[split], c.metrics) for split in splits}
         cache = ScoreCache(Path(c.cache) if c.cache else cache_dir() / "agents" / "scores", self.engine, self.features)
         self.scored = {
             split: {name: cache.documents(task) for name, task in tasks.items() if task.kind == "multiple_choice"}
             for split, tasks in self.tasks.items()
         }
         if "train" in splits:
-            self.samplers, rows = _row_samplers(self.tasks["train"], c.tasks, c.rows, c.mc_rows, c.seed)
+            self.samplers, rows = _row_samplers(self.tasks["train"], self.shares, c.rows, c.mc_rows, c.seed)
             self.env = EnsembleEnv(self.engine, self.features, self.tasks["train"], self.scored["train"], len(rows), c.span_length, rows)
         # Evaluation splits: every document once, decoded `eval_rows` at a time.
         self.eval_envs = {
@@ -195,10 +199,12 @@ def evaluate(env, tasks: dict, act, speed: dict | None = None) -> dict[str, list
     return rewards
 
 
-def summary(rewards: dict[str, list[float]]) -> dict[str, float]:
-    """Mean reward per task, and `mean`: the mean over tasks (each task counts once)."""
+def summary(rewards: dict[str, list[float]], shares: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean reward per task, and `mean`: the mean over tasks weighted by their `shares` of the mixture
+    (a group's leaves weigh as in the group's score), each task once without them."""
     per_task = {name: float(np.mean(values)) for name, values in rewards.items()}
-    return per_task | {"mean": float(np.mean(list(per_task.values())))}
+    weights = [shares[name] for name in per_task] if shares else None
+    return per_task | {"mean": float(np.average(list(per_task.values()), weights=weights))}
 
 
 def constant(weights) -> typing.Callable:

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from lm_eval_rlae import dataclass_config
+from lm_eval_rlae.files import write_text
 from lm_eval_rlae.policies.agent import save_agent
 from trainer.agents.run import Run, TrainConfig, agent_weights, constant, load_config, summary
 
@@ -52,18 +53,20 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
     from tianshou.utils.torch_utils import policy_within_training_step, torch_train_mode
     from torch.utils.tensorboard import SummaryWriter
 
-    from trainer.agents.checkpoint import load_state, save_state
+    from trainer.agents.checkpoint import CheckpointError, load_state, save_state
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = None if restart else load_state(out / "checkpoint")
+    try:
+        saved = None if restart else load_state(out / "checkpoint")
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from error
     if saved is not None and not config.resumable_from(saved["config"]):
         raise SystemExit(f"{out}/checkpoint is from another config; run with --restart to start over, or give another --out")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-
     from trainer.agents.algorithms import build
 
     run = Run(config)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"leaf_tasks": run.mixture.record()}, indent=2) + "\n")
     c = config
     env, samplers = run.env, run  # where training episodes are stepped, and who holds their samplers
     if c.rollout_workers:
@@ -76,7 +79,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
     if saved is None:
         history = {"baselines": {}, "epochs": []}
         for name, weights in {"uniform": [1.0] * len(c.members), **c.baselines}.items():
-            history["baselines"][name] = summary(run.evaluate("validation", constant(weights)))
+            history["baselines"][name] = summary(run.evaluate("validation", constant(weights)), run.shares)
             logger.info("validation, %s weights %s: %.4f", name, weights, history["baselines"][name]["mean"])
         epoch, env_steps, best = 0, 0, -np.inf
     else:
@@ -123,7 +126,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
             bar.set_postfix(ret=f"{rollout.get('train/return', float('nan')):.3f}", kl=f"{after['train/approx_kl']:.4f}", sps=f"{scalars['speed/env_steps_per_s']:.1f}")
             bar.update(1)
         epoch += 1
-        validation = summary(run.evaluate("validation", agent_weights(policy.actor)))
+        validation = summary(run.evaluate("validation", agent_weights(policy.actor)), run.shares)
         history["epochs"].append({"epoch": epoch, "env_steps": env_steps, "validation": validation})
         writer.add_scalar("validation/agent", validation["mean"], env_steps)
         for name, values in history["baselines"].items():
@@ -141,7 +144,7 @@ def train(config: TrainConfig, restart: bool = False) -> Path:
         if validation["mean"] > best:
             best = validation["mean"]
             save_agent(out / "best", spec, policy.actor)
-        (out / "validation.json").write_text(json.dumps(history, indent=2) + "\n")
+        write_text(out / "validation.json", json.dumps(history, indent=2) + "\n")
         save_state(
             out / "checkpoint",
             {

@@ -24,16 +24,17 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from lm_eval_rlae.files import previous_version, reading_directory, replacing_directory
 from lm_eval_rlae.offline.data import TASK_CONFIGS
 from lm_eval_rlae.offline.presets import ADAPTERS_DIR, SPECIALIST_PRESETS, cache_dir, resolve_preset
 
@@ -184,7 +185,7 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, config: SpecialistConfig, log: list) -> None:
-    """adapter + AdamW state as safetensors, the rest as JSON; written beside, then renamed."""
+    """adapter + AdamW state as safetensors, the rest as JSON; written beside, then swapped in."""
     params = _trainable(model)
     tensors = {f"param/{n}": p.detach() for n, p in params.items()}
     for n, p in params.items():
@@ -194,26 +195,25 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: SpecialistC
                 tensors[f"{key}/{n}"] = state[key]
         if "step" in state:
             tensors[f"step/{n}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": _jsonable(config), "log": log}, indent=1))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_directory(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": _jsonable(config), "log": log}, indent=1))
 
 
 def load_checkpoint(path: Path, model, optimizer, config: SpecialistConfig) -> tuple[int, list]:
-    meta = json.loads((path / "state.json").read_text())
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+        missing = [n for n in _trainable(model) if f"param/{n}" not in tensors]
+        if missing or not {"step", "config", "log"} <= meta.keys():
+            raise ValueError(f"it lacks {missing[:2] or 'step, config or log'}")
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ValueError(f"the checkpoint in {path} is damaged ({error}); pass --restart to train from scratch") from error
     if meta["config"] != _jsonable(config):
         raise ValueError(
             f"the checkpoint in {path} was trained with another configuration; delete that directory "
             f"(or pass --restart) to train from scratch, or pass --work elsewhere"
         )
-    tensors = load_file(str(path / "state.safetensors"))
     for n, p in _trainable(model).items():
         with torch.no_grad():
             p.copy_(tensors[f"param/{n}"])
@@ -258,10 +258,9 @@ def build(
     out = out_root / config.name
     work = (work_root or cache_dir() / "specialists") / config.name
     checkpoint = work / "checkpoint"
-    previous = checkpoint.with_name(checkpoint.name + ".old")
     if restart:
         shutil.rmtree(checkpoint, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(previous_version(checkpoint), ignore_errors=True)
     base = resolve_preset(config.base) or config.base
     lm = HFLM(pretrained=base, device="cpu", dtype="float32", batch_size=1)
     examples = task_examples(config.tasks, config.max_docs_per_task, include_path)
@@ -281,11 +280,10 @@ def build(
     params = list(_trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, log = 0, []
-    if not checkpoint.exists() and previous.exists():  # killed between the two renames of save_checkpoint
-        os.replace(previous, checkpoint)
-    if checkpoint.exists():
-        step, log = load_checkpoint(checkpoint, model, optimizer, config)
-        logger.info("%s: resuming from step %d of %d (%s)", config.name, step, config.steps, checkpoint)
+    with reading_directory(checkpoint) as saved:  # or the one a kill between two renames left
+        if saved.exists():
+            step, log = load_checkpoint(saved, model, optimizer, config)
+            logger.info("%s: resuming from step %d of %d (%s)", config.name, step, config.steps, saved)
 
     writer = SummaryWriter(str(work / "runs"), purge_step=step)
     n_tokens = sum(len(ids) for ids, _ in encoded)
@@ -329,30 +327,32 @@ def build(
 
 
 def _export(model, config: SpecialistConfig, out: Path, log: list) -> None:
-    """The peft adapter (float16 safetensors: half the size, loaded into any dtype) and its config."""
+    """The peft adapter (float16 safetensors: half the size, loaded into any dtype) and its config,
+    swapped in whole: an evaluation loading the preset meanwhile reads the old adapter or the new."""
     for p in _trainable(model).values():
         p.data = p.data.to(torch.float16)
-    model.save_pretrained(str(out), safe_serialization=True)
-    (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-    (out / "adapter_model.safetensors").chmod(0o644)
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = config.base  # a preset name, not this machine's cache path
-    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in peft: stable order
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     losses = [entry["loss"] for entry in log]
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
-    (out / "training_config.json").write_text(
-        json.dumps(
-            {
-                "config": _jsonable(config),
-                "command": f"rlae-build-specialists {config.name}",
-                "loss_first_tenth": round(sum(head) / len(head), 4),
-                "loss_last_tenth": round(sum(tail) / len(tail), 4),
-            },
-            indent=2,
+    with replacing_directory(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        (tmp / "adapter_model.safetensors").chmod(0o644)
+        adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = config.base  # a preset name, not this machine's cache path
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in peft: stable order
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "training_config.json").write_text(
+            json.dumps(
+                {
+                    "config": _jsonable(config),
+                    "command": f"rlae-build-specialists {config.name}",
+                    "loss_first_tenth": round(sum(head) / len(head), 4),
+                    "loss_last_tenth": round(sum(tail) / len(tail), 4),
+                },
+                indent=2,
+            )
+            + "\n"
         )
-        + "\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
