@@ -1,7 +1,8 @@
 """Speculative decoding is lossless: drafted-and-verified generation gives exactly the plain engine's
-union tokens, texts and members' ids, on the tiny members of two tokenizer families, for every kind of
-weighting and every case where feeding a draft is not just appending (re-encodings, re-tokenized
-words and characters, byte fallback, CJK, stops, ends of sequence, sliding windows), at batch 1 and 8.
+union tokens, texts and members' ids, on the tiny members of two tokenizer families and of three
+(byte-level BPE, byte-fallback SentencePiece, Unigram with `<unk>`), for every kind of weighting and
+every case where feeding a draft is not just appending (re-encodings, re-tokenized words and
+characters, byte fallback, `<unk>`, CJK, emoji, stops, ends of sequence, sliding windows), at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -49,37 +50,50 @@ def members(bpe_member, sp_member):
 
 
 @pytest.fixture(scope="module")
+def three(members, unigram_member):
+    """bpe, sp and the Unigram member without byte fallback: characters it has no piece for (CJK,
+    emoji, tabs) it reads as `<unk>`, and it cannot read a character's bytes before the whole character."""
+    return [*members, _member(unigram_member)]
+
+
+@pytest.fixture(scope="module")
 def sliding(sp_sliding_member):
     return _member(sp_sliding_member)
 
 
 def _generate(members, policy, speculative, contexts=CONTEXTS, batch=8, span_length=4, gate=None, **decoding):
     """Every context through the engine `batch` at a time as `FusionEngine.generate` drives it; per
-    row its union tokens, its text, and each member's ids once caught up."""
+    row its union tokens, its text, and each member's generated ids (after its prompt) once caught up."""
     engine = FusionEngine(members, policy, span_length=span_length, gate=gate, speculative=speculative)
     decoding = Decoding(**({"until": [], "max_gen_toks": 20} | decoding))
     out = []
     for start in range(0, len(contexts), batch):
         generation = Generation(engine, contexts[start : start + batch], decoding)
+        prompts = [[len(ids) for ids in pending] for pending in generation.pending]  # M x [B]: owed before anything runs
         span = span_length if policy.reads_state else decoding.max_gen_toks
         while not generation.done:
             generation.advance(policy(generation.state()), span)
         generation._catch_up(range(len(members)))
         texts = generation.texts()
         for r, row in enumerate(generation.rows):
-            out.append((row.tokens, texts[r], [stream.ids[r] for stream in generation.streams]))
+            out.append((row.tokens, texts[r], [stream.ids[r][prompts[m][r] :] for m, stream in enumerate(generation.streams)]))
     return out, engine.drafting.counts
 
 
-def assert_lossless(members, policy, **kwargs) -> object:
-    """The two paths agree row by row; returns the speculative path's counts."""
+def compare(members, policy, **kwargs):
+    """The two paths agree row by row; returns the speculative path's counts and rows."""
     plain, _ = _generate(members, policy, speculative=False, **kwargs)
     drafted, counts = _generate(members, policy, speculative=True, **kwargs)
     for r, ((tokens, text, ids), (got_tokens, got_text, got_ids)) in enumerate(zip(plain, drafted)):
         assert got_tokens == tokens, f"row {r}: union tokens differ"
         assert got_text == text, f"row {r}: {got_text!r} != {text!r}"
         assert got_ids == ids, f"row {r}: a member was fed other ids"
-    return counts
+    return counts, drafted
+
+
+def assert_lossless(members, policy, **kwargs):
+    """The two paths agree row by row; returns the speculative path's counts."""
+    return compare(members, policy, **kwargs)[0]
 
 
 class _ReadingPolicy(WeightPolicy):
@@ -209,6 +223,38 @@ def test_sampling_goes_step_by_step(members):
     engine = FusionEngine(members, UniformPolicy(2))
     engine.generate(CONTEXTS[:2], Decoding(until=[], max_gen_toks=8, do_sample=True, temperature=1.0))
     assert engine.drafting.counts.rounds == 0
+
+
+# More characters the Unigram member cannot spell (CJK, emoji; tabs above), which the other two spell
+# in bytes, so drafts cut such characters in the middle.
+THREE_CONTEXTS = [*CONTEXTS, "Say hello in Chinese: 你好", "Emoji 🙂🙂 and 👋 then", "日本語の文"]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("weights", [[1, 1, 1], [0.2, 0.2, 0.6], [0.6, 0.2, 0.2], [0.3, 0.0, 0.7]])
+def test_three_families_are_lossless(three, weights, batch):
+    """Three vocabularies, `<unk>` included: the Unigram member drafts (most weight) or verifies, is
+    fed characters it cannot spell as `<unk>` once whole, and its `<unk>` is never chosen as text."""
+    counts, rows = compare(three, FixedPolicy(weights), contexts=THREE_CONTEXTS, batch=batch, max_gen_toks=24)
+    assert counts.rounds > 0
+    unk = three[2].vocab.unk_id
+    assert any(unk in ids[2] for _, _, ids in rows), "the Unigram member was never fed <unk>: the test proves nothing"
+    assert not any(set(tokens) & set(FusionEngine(three, UniformPolicy(3)).union.unknown.tolist()) for tokens, _, _ in rows)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("hot", [0, 1, 2])
+def test_one_hot_weights_on_each_of_three_families_are_lossless(three, hot, batch):
+    weights = [1.0 if m == hot else 0.0 for m in range(3)]
+    counts = assert_lossless(three, FixedPolicy(weights), contexts=THREE_CONTEXTS, batch=batch, max_gen_toks=24)
+    assert counts.rounds == 0, "one member with weight: nothing to verify"
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_three_families_with_a_policy_that_reads_the_state_and_the_gate_are_lossless(three, batch):
+    """Weights that change per span and row, zeros included (members catching up on `<unk>` reads), and the gate."""
+    assert assert_lossless(three, _ReadingPolicy(3), contexts=THREE_CONTEXTS, batch=batch, span_length=3, max_gen_toks=18).rounds > 0
+    assert_lossless(three, UniformPolicy(3), contexts=THREE_CONTEXTS, batch=batch, gate=0.3, max_gen_toks=18)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
