@@ -20,7 +20,8 @@ verified positions where the ensemble chose the drafted token (acceptance) and t
 per verify pass. The two must generate the same texts, or the benchmark stops. With `--gate`, the
 ensemble also runs with that confidence gate (the other members skip the steps the first decides
 alone); with `--agent`, with that agent setting the weights, its own time (state features, network)
-counted in; with `--weights`, with those fixed weights (e.g. `1,0`: one member alone in the ensemble).
+counted in; with `--weights`, with those fixed weights; one-hot weights (e.g. `1,0`: one member
+alone in the ensemble) are measured against that member alone (`rlae weights=[1,0] / NAME alone`).
 
 Peak memory of a run is the weights of the models it uses plus the most memory the run held above
 them (the process's peak resident memory on CPU, reset per run; allocated memory on CUDA, summed
@@ -129,6 +130,7 @@ class Run:
     drafting: Callable | None = None  # a speculative run: reads its engine's `speculative.Counts` (acceptance, tokens per pass)
     twin: Run | None = None  # a speculative run: the step-by-step run that must generate the same texts
     counts: object = None  # what `drafting` read after its last generation
+    alone: int | None = None  # an ensemble run whose weights give one member all of it: that member's index (its floor)
 
     def measure(self, requests: dict, devices: list[torch.device]) -> None:
         self.setup()
@@ -172,16 +174,20 @@ def benchmark(ensemble, runs: list[Run], batch_size: int, requests: dict, warmup
 
 
 def ratios(runs: list[Run], n_members: int, own_devices: bool = False) -> dict[str, dict]:
-    """Each ensemble's {"generate", "score"} time over the floor, named in "floor": the sum of the
-    members' times ("members"), or with each member on its own device (`own_devices`) the slowest
-    one's ("slowest member"); {"generate_memory", "score_memory"} peak over the members' summed peaks
-    (None where memory cannot be read); and for a speculative run its "acceptance" and
-    "tokens_per_round" (None where it verified nothing: a single member with weight decodes step by step)."""
+    """Each ensemble's {"generate", "score"} time over its floor, named in "floor": the sum of the
+    members' times ("members"), with each member on its own device (`own_devices`) the slowest one's
+    ("slowest member"), and for a run with one member's weight only (`Run.alone`) that member's
+    ("NAME alone"); {"generate_memory", "score_memory"} peak over the members' summed peaks (None where
+    memory cannot be read); and for a speculative run its "acceptance" and "tokens_per_round" (None
+    where it verified nothing: a single member with weight decodes step by step)."""
     alone, ensembles = runs[:n_members], runs[n_members:]
-    floor, name = (max, "slowest member") if own_devices else (sum, "members")
     out = {}
     for run in ensembles:
-        out[run.label] = {kind: run.seconds(kind) / floor(member.seconds(kind) for member in alone) for kind in ("generate", "score")}
+        if run.alone is not None:
+            floor_runs, floor, name = [alone[run.alone]], sum, alone[run.alone].label.removesuffix(" (hf)")
+        else:
+            floor_runs, floor, name = alone, max if own_devices else sum, "slowest member" if own_devices else "members"
+        out[run.label] = {kind: run.seconds(kind) / floor(member.seconds(kind) for member in floor_runs) for kind in ("generate", "score")}
         out[run.label]["floor"] = name
         for kind in ("generate", "score"):
             peaks = [member.peak(kind) for member in [*alone, run]]
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     engine = ensemble.engine
     agent = None if args.agent is None else AgentPolicy.load(args.agent, [member.name for member in ensemble.members])  # refused before any run
     fixed = None if args.weights is None else make_policy(f"[{args.weights}]", len(ensemble.members))
+    held = [] if fixed is None else fixed.fixed.nonzero()[:, 0].tolist()
+    chosen = held[0] if len(held) == 1 else None  # one-hot weights: measured against that member alone
     uniform, gate = engine.policy, check_gate(args.gate)
 
     def configure(policy, gate=None, speculative=False, span_length=engine.span_length):
@@ -267,12 +275,12 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
 
         return setup
 
-    def pair(label: str, policy, weights: int, gate=None, span_length=engine.span_length) -> list[Run]:
+    def pair(label: str, policy, weights: int, gate=None, span_length=engine.span_length, alone=None) -> list[Run]:
         """The run step by step, then drafted and verified (`rlae speculative ...`), which must generate the same texts."""
-        plain = Run(f"rlae {label}", ensemble.generate_until, ensemble.loglikelihood, weights, configure(policy, gate, False, span_length))
+        plain = Run(f"rlae {label}", ensemble.generate_until, ensemble.loglikelihood, weights, configure(policy, gate, False, span_length), alone=alone)
         drafted = Run(
             "rlae speculative" + (label.removeprefix("uniform") if label.startswith("uniform") else f" {label}"), ensemble.generate_until, ensemble.loglikelihood, weights,
-            configure(policy, gate, True, span_length), drafting=lambda: engine.drafting.counts, twin=plain,
+            configure(policy, gate, True, span_length), drafting=lambda: engine.drafting.counts, twin=plain, alone=alone,
         )
         return [plain, drafted]
 
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
         if agent is not None:
             runs += pair(f"agent={args.agent}", agent, every_weight + weight_bytes(agent.actor), span_length=agent.spec.span_length)
         if fixed is not None:
-            runs += pair(f"weights=[{args.weights}]", fixed, every_weight)
+            runs += pair(f"weights=[{args.weights}]", fixed, every_weight, alone=chosen)
         benchmark(ensemble, runs, batch_size, requests, warmup, args.repeats)
         table = report(runs, len(ensemble.members), batch_size, own_devices)
         print("\n" + table, flush=True)

@@ -49,6 +49,18 @@ def test_benchmark_stops_when_speculation_changes_the_output(bpe_member, sp_memb
         main(["--members", f"{bpe_member},{sp_member}", "--prompts", "2", "--max-gen-toks", "2", "--batch-size", "2", "--repeats", "1"])
 
 
+def test_one_hot_weights_are_measured_against_the_chosen_member_alone(bpe_member, sp_member, capsys):
+    """`--weights 0,1`: one more pair of runs, its ratio over the member with the weight alone; the
+    speculative one verifies nothing (one member has weight) and says so."""
+    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "2", "--max-gen-toks", "3", "--batch-size", "2", "--repeats", "1",
+          "--device", "cpu", "--weights", "0,1"])
+    out = capsys.readouterr().out
+    ratio = r"batch 2: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, peak memory \d+\.\d\d / \d+\.\d\d"
+    assert re.search(rf"^rlae weights=\[0,1\] / {re.escape(sp_member)} alone, {ratio}$", out, flags=re.M)
+    assert re.search(rf"^rlae speculative weights=\[0,1\] / {re.escape(sp_member)} alone, {ratio}, no verify pass \(one member with weight decodes alone\)$", out, flags=re.M)
+    assert re.search(rf"^rlae speculative / members, {ratio}, acceptance", out, flags=re.M)
+
+
 def test_devices_reach_the_ensemble(bpe_member, sp_member):
     """--devices is the ensemble's `devices=`: one device for two members is refused before any model loads."""
     with pytest.raises(ValueError, match="devices has 1 values for 2 members"):
