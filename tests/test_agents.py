@@ -539,3 +539,16 @@ def test_the_env_decodes_generation_speculatively_and_the_agent_reads_the_state_
     assert seen[True][2].rounds > 0 and seen[False][2].rounds == 0
     assert len(seen[False][1]) >= 8 and seen[True][1] == seen[False][1]
     np.testing.assert_allclose(seen[True][0], seen[False][0], atol=1e-4, rtol=1e-4)
+
+
+def test_env_speed_times_the_env_both_ways_on_the_generation_tasks(tmp_path, bpe_member, sp_member, route_tasks, capsys):
+    from trainer.agents.env_speed import main
+
+    main(["--members", f"[{bpe_member}, {sp_member}]", "--tasks", "{route_mc: 1.0, route_gen: 1.0}", "--include_path", route_tasks,
+          "--rows", "4", "--mc_rows", "16", "--span_length", "2", "--steps", "3", "--cache", str(tmp_path / "scores"), "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "4 rows of generation documents from 1 tasks" in out
+    assert re.search(r"^env generation steps per second, step by step: \d+\.\d\d$", out, flags=re.M)
+    assert re.search(r"^env generation steps per second, speculative: \d+\.\d\d \(\d+\.\d\dx\), acceptance [01]\.\d\d, "
+                     r"tokens per verify pass \d+\.\d\d, \d+ episodes ended, same rewards$", out, flags=re.M)
+    assert not (tmp_path / "scores").exists() or not any((tmp_path / "scores").rglob("*.safetensors")), "multiple-choice documents were scored"
