@@ -16,8 +16,10 @@ and single rounds on 2 CPU cores drift by 10-15%. The runs alternate within a ro
 that speeds up or slows down weighs on all of them alike.
 Every weighting runs twice: step by step (`speculative=false`, e.g. `rlae uniform`) and drafted and
 verified (`rlae speculative`, the default for greedy generation), whose line adds the share of
-verified positions where the ensemble chose the drafted token (acceptance) and the tokens a row keeps
-per verify pass. The two must generate the same texts, or the benchmark stops. With `--gate`, the
+verified positions where the ensemble chose the drafted token (acceptance), the tokens a row keeps
+per verify pass, and the numbers of verify passes and of plain steps (per batch size the engine
+decodes in rounds or in plain steps, whichever it measured faster, in its last round). The two must
+generate the same texts, or the benchmark stops. With `--gate`, the
 ensemble also runs with that confidence gate (the other members skip the steps the first decides
 alone); with `--agent`, with that agent setting the weights, its own time (state features, network)
 counted in; with `--weights`, with those fixed weights; one-hot weights (e.g. `1,0`: one member
@@ -178,8 +180,9 @@ def ratios(runs: list[Run], n_members: int, own_devices: bool = False) -> dict[s
     members' times ("members"), with each member on its own device (`own_devices`) the slowest one's
     ("slowest member"), and for a run with one member's weight only (`Run.alone`) that member's
     ("NAME alone"); {"generate_memory", "score_memory"} peak over the members' summed peaks (None where
-    memory cannot be read); and for a speculative run its "acceptance" and "tokens_per_round" (None
-    where it verified nothing: a single member with weight decodes step by step)."""
+    memory cannot be read); and for a speculative run its "rounds" (verify passes) and "steps" (plain
+    steps taken instead because they measured faster), "acceptance" and "tokens_per_round" (None
+    where it verified nothing)."""
     alone, ensembles = runs[:n_members], runs[n_members:]
     out = {}
     for run in ensembles:
@@ -194,15 +197,19 @@ def ratios(runs: list[Run], n_members: int, own_devices: bool = False) -> dict[s
             out[run.label][f"{kind}_memory"] = None if None in peaks else peaks[-1] / sum(peaks[:-1])
         if run.counts is not None:
             verified = run.counts.rounds > 0
-            out[run.label]["acceptance"] = run.counts.acceptance if verified else None
-            out[run.label]["tokens_per_round"] = run.counts.tokens_per_round if verified else None
+            out[run.label] |= {
+                "rounds": run.counts.rounds, "steps": run.counts.steps,
+                "acceptance": run.counts.acceptance if verified else None, "tokens_per_round": run.counts.tokens_per_round if verified else None,
+            }
     return out
 
 
 def _drafting(ratio: dict) -> str:
-    if ratio["acceptance"] is None:
-        return ", no verify pass (one member with weight decodes alone)"
-    return f", acceptance {ratio['acceptance']:.2f}, tokens per verify pass {ratio['tokens_per_round']:.2f}"
+    if ratio["rounds"]:
+        return f", acceptance {ratio['acceptance']:.2f}, tokens per verify pass {ratio['tokens_per_round']:.2f} ({ratio['rounds']} verify passes, {ratio['steps']} plain steps)"
+    if ratio["steps"]:
+        return f", no verify pass: plain steps measured faster at this batch size ({ratio['steps']} plain steps)"
+    return ", no verify pass (one member with weight decodes alone)"
 
 
 def report(runs: list[Run], n_members: int, batch_size: int, own_devices: bool = False) -> str:

@@ -550,5 +550,5 @@ def test_env_speed_times_the_env_both_ways_on_the_generation_tasks(tmp_path, bpe
     assert "4 rows of generation documents from 1 tasks" in out
     assert re.search(r"^env generation steps per second, step by step: \d+\.\d\d$", out, flags=re.M)
     assert re.search(r"^env generation steps per second, speculative: \d+\.\d\d \(\d+\.\d\dx\), acceptance [01]\.\d\d, "
-                     r"tokens per verify pass \d+\.\d\d, \d+ episodes ended, same rewards$", out, flags=re.M)
+                     r"tokens per verify pass \d+\.\d\d \(\d+ verify passes, \d+ plain steps\), \d+ episodes ended, same rewards$", out, flags=re.M)
     assert not (tmp_path / "scores").exists() or not any((tmp_path / "scores").rglob("*.safetensors")), "multiple-choice documents were scored"

@@ -9,8 +9,12 @@ import torch
 from lm_eval_rlae.benchmark import PeakMemory, Run, main, report
 
 
-def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, device, capsys):
-    """Each weighting step by step and speculative (with its acceptance and tokens per verify pass)."""
+def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, device, capsys, monkeypatch):
+    """Each weighting step by step and speculative (with its acceptance and tokens per verify pass:
+    rounds forced, as the engine would otherwise use plain steps where they measure faster)."""
+    from lm_eval_rlae.engine.speculative import Drafting
+
+    monkeypatch.setattr(Drafting, "speculates", lambda self, batch: True)
     results = main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
                     "--repeats", "2", "--devices", f"{device},{device}", "--dtype", "float32", "--gate", "0.5"])
     out = capsys.readouterr().out
@@ -29,7 +33,7 @@ def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_
             assert abs(float(part_a) + float(part_b) - float(total)) <= 0.011
         assert abs(int(m1) + int(m2) - int(m_sum)) <= 1  # MiB, rounded
         for label in ensembles:
-            drafted = r", acceptance [01]\.\d\d, tokens per verify pass \d+\.\d\d" if "speculative" in label else ""
+            drafted = r", acceptance [01]\.\d\d, tokens per verify pass \d+\.\d\d \([1-9]\d* verify passes, 0 plain steps\)" if "speculative" in label else ""
             assert re.search(rf"^{re.escape(label)} / members, batch {batch_size}: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, "
                              rf"peak memory \d+\.\d\d / \d+\.\d\d{drafted}$", table, flags=re.M)
 

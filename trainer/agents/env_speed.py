@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = drafted.counts
     print(f"env generation steps per second, step by step: {plain.steps_per_second:.2f}")
     print(f"env generation steps per second, speculative: {drafted.steps_per_second:.2f} ({drafted.steps_per_second / plain.steps_per_second:.2f}x), "
-          f"acceptance {counts.acceptance:.2f}, tokens per verify pass {counts.tokens_per_round:.2f}, {len(plain.rewards)} episodes ended, same rewards")
+          f"acceptance {counts.acceptance:.2f}, tokens per verify pass {counts.tokens_per_round:.2f} ({counts.rounds} verify passes, "
+          f"{counts.steps} plain steps), {len(plain.rewards)} episodes ended, same rewards")
     return 0
 
 
