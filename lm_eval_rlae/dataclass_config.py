@@ -19,7 +19,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _flag_type(hint):
-    """YAML for lists and dicts (`--tasks '{a: 1, b: 2}'`), the field's own type otherwise."""
+    """YAML for lists and dicts (`--tasks '{a: 1, b: 2}'`), true or false for a bool, the field's own type otherwise."""
+    if hint is bool:
+        return _bool
     base = typing.get_origin(hint) or hint
     if base in (list, dict) or any(typing.get_origin(a) in (list, dict) for a in typing.get_args(hint)):
         return yaml.safe_load
@@ -27,6 +29,13 @@ def _flag_type(hint):
         if hint is candidate or candidate in typing.get_args(hint):
             return candidate
     return str
+
+
+def _bool(text: str) -> bool:
+    value = yaml.safe_load(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return value
 
 
 def load(cls: type, path: Path | None, overrides: dict, required: tuple[str, ...]):

@@ -48,6 +48,9 @@ class RLAELM(LM):
     perplexity_temperature: of the softmax over negative log-perplexities (default 1, PackLLM's)
     gate:         a confidence gate for generation (GaC's), e.g. 0.9: a token the first member gives
                   more than this probability is its alone, and the other members skip that step
+    speculative:  greedy generation drafts with one member and verifies with the others in one
+                  forward, with exactly the output of step-by-step decoding (default true);
+                  `speculative=false` decodes step by step. Sampling always goes step by step.
     agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the
@@ -74,6 +77,7 @@ class RLAELM(LM):
         max_gen_toks: int = 256,
         seed: int = 1234,
         gate: float | None = None,
+        speculative: bool | str = True,
     ):
         super().__init__()
         entries = parse_list(members)
@@ -109,6 +113,7 @@ class RLAELM(LM):
         ]
         # arguments and the agent's checkpoint are checked before loading any model
         gate = check_gate(gate)
+        speculative = _flag(speculative, "speculative")
         if agent is not None:
             if weights is not None:
                 raise ValueError(f"give weights={weights} or agent={agent}, not both: an agent sets the weights itself")
@@ -117,7 +122,7 @@ class RLAELM(LM):
         else:
             policy = make_policy(weights, len(entries), float(perplexity_temperature))
         self.members = [Member(spec) for spec in specs]
-        self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed), gate=gate)
+        self.engine = FusionEngine(self.members, policy, span_length=int(span_length or 4), seed=int(seed), gate=gate, speculative=speculative)
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
         self.decisions = Recorder(self.engine, [member.name for member in self.members])
@@ -245,6 +250,16 @@ def _check_text_only(requests) -> None:
                 f"rlae cannot serve this {request.request_type} request of task {request.task_name!r}: it carries "
                 f"{len(request.args) - 2} extra (e.g. image) inputs, and rlae ensembles text-only causal LMs"
             )
+
+
+def _flag(value, name: str) -> bool:
+    """A true/false model argument, as the command line (a bool) or a dict (maybe a string) gives it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name}={value!r}: give true or false")
+    return text in ("true", "1")
 
 
 def _batch_size(batch_size, max_batch_size: int) -> int:

@@ -10,9 +10,11 @@ Three members (the third family, a Unigram tokenizer with `<unk>`) on three kind
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_route
+from lm_eval_rlae import dataclass_config
 from lm_eval_rlae.policies.agent import AgentCheckpointError, AgentPolicy, load_agent
 from trainer.agents.run import TrainConfig, load_config
 from trainer.agents.train import train
@@ -159,15 +162,14 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
 
 
 def test_benchmark_times_the_agent_beside_the_members(trained, bpe_member, sp_member, capsys):
-    import re
-
     from lm_eval_rlae.benchmark import main
 
     agent = str(trained["ppo"] / "best")
     main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "2", "--repeats", "1", "--device", "cpu", "--agent", agent])
     out = capsys.readouterr().out
-    assert re.search(rf"^\| rlae agent={re.escape(agent)} \| [\d.]+ \| [\d.]+ \| \d+ / \d+ \|$", out, flags=re.M)
-    assert re.search(rf"rlae agent={re.escape(agent)} / members, batch 2: generate_until \d+\.\d\d", out)
+    for label in (f"rlae agent={agent}", f"rlae speculative agent={agent}"):  # step by step, and drafted and verified
+        assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \| \d+ / \d+ \|$", out, flags=re.M)
+        assert re.search(rf"^{re.escape(label)} / members, batch 2: generate_until \d+\.\d\d", out, flags=re.M)
 
 
 def test_mappo_actors_see_only_their_member(trained):
@@ -202,8 +204,10 @@ def test_training_writes_what_an_rl_engineer_reads(trained):
 @pytest.mark.parametrize("mc_rows", [0, 16])
 def test_resumed_run_is_the_run_that_was_not_stopped(tmp_path, bpe_member, sp_member, route_tasks, mc_rows):
     """Stopped after epoch 1 and run again, training ends where an uninterrupted run ends, bit for bit
-    (with rows for multiple choice apart, each kind's sampler resumes too)."""
-    small = dict(updates_per_epoch=2, epochs=2, val_docs=8, mc_rows=mc_rows)
+    (with rows for multiple choice apart, each kind's sampler resumes too). Step by step: speculative
+    decoding gives the same texts, but members' states rounded by forwards of widths chosen by measured
+    speed, so the agent's observations differ in their last bits from run to run."""
+    small = dict(updates_per_epoch=2, epochs=2, val_docs=8, mc_rows=mc_rows, speculative=False)
     straight = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "straight", **small))
     train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **(small | {"epochs": 1})))
     resumed = train(_config(bpe_member, sp_member, route_tasks, tmp_path / "resumed", **small))
@@ -484,6 +488,11 @@ def test_config_flags_override_the_yaml(tmp_path):
     path.write_text("members: [a, b]\ntasks: {t: 1.0}\nlr: 0.01\n")
     config = load_config(path, {"lr": 0.5, "hidden": [32], "algorithm": "mappo"})
     assert (config.lr, config.hidden, config.algorithm, config.out) == (0.5, [32], "mappo", str(Path("runs") / "c-mappo"))
+    parser = argparse.ArgumentParser()
+    dataclass_config.add_flags(parser, TrainConfig)
+    assert config.speculative and not load_config(path, vars(parser.parse_args(["--speculative", "false"]))).speculative
+    with pytest.raises(SystemExit):  # argparse: "'maybe': give true or false"
+        parser.parse_args(["--speculative", "maybe"])
     with pytest.raises(SystemExit, match="unknown config keys"):
         load_config(path, {"learning_rate": 1})
 
@@ -611,3 +620,60 @@ def test_stats_state_reads_each_members_confidence_over_a_questions_choices(bpe_
         preferred.append(int(totals.argmax()))
     assert state[:3, 12 + 4].tolist() == [float(preferred[0] == preferred[1])] * 3
     assert state[:, 12 + 5].tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_the_env_decodes_generation_speculatively_and_the_agent_reads_the_state_where_it_would_step_by_step(tmp_path, bpe_member, sp_member, route_tasks, monkeypatch):
+    """The training env's generation rows are drafted and verified (the engine's default), drafts end
+    at every span's end, so the agent's state is read after the same tokens with the same members'
+    distributions (to float rounding between forwards over one token and over several), and every
+    episode ends with the text of step-by-step decoding."""
+    from lm_eval_rlae.engine.fusion import Generation
+    from lm_eval_rlae.engine.speculative import Counts, Drafting
+    from trainer.agents.run import Run
+    from trainer.agents.tasks import Document
+
+    monkeypatch.setattr(Drafting, "speculates", lambda self, batch: True)  # rounds, not the faster of rounds and steps
+    run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", tasks={"route_gen": 1.0}, rows=8, val_docs=4))
+    assert run.engine.speculative
+    span, state, reward = run.config.span_length, Generation.state, Document.reward
+    ended = []  # (document, text) of every episode, in order
+
+    def at_span_ends(generation):
+        assert all(row.done or row.steps == generation.spans * span for row in generation.rows), "a draft crossed a span's end"
+        return state(generation)
+
+    def rewarded(document, responses):
+        ended.append((document.key, responses))
+        return reward(document, responses)
+
+    monkeypatch.setattr(Generation, "state", at_span_ends)
+    monkeypatch.setattr(Document, "reward", rewarded)
+    documents = run.sampler_state()
+    seen = {}
+    for speculative in (False, True):
+        run.engine.speculative, run.engine.drafting.counts = speculative, Counts()
+        run.load_sampler_state(documents)
+        rng = np.random.default_rng(0)
+        observations = [run.env.reset()[0]]
+        for _ in range(6):
+            obs, _, done, _, _ = run.env.step(rng.dirichlet(np.ones(2), size=8))
+            observations.append(obs)
+            run.env.reset(np.flatnonzero(done))
+        seen[speculative] = (np.stack(observations), list(ended), run.engine.drafting.counts)
+        ended.clear()
+    assert seen[True][2].rounds > 0 and seen[False][2].rounds == 0
+    assert len(seen[False][1]) >= 8 and seen[True][1] == seen[False][1]
+    np.testing.assert_allclose(seen[True][0], seen[False][0], atol=1e-4, rtol=1e-4)
+
+
+def test_env_speed_times_the_env_both_ways_on_the_generation_tasks(tmp_path, bpe_member, sp_member, route_tasks, capsys):
+    from trainer.agents.env_speed import main
+
+    main(["--members", f"[{bpe_member}, {sp_member}]", "--tasks", "{route_mc: 1.0, route_gen: 1.0}", "--include_path", route_tasks,
+          "--rows", "4", "--mc_rows", "16", "--span_length", "2", "--steps", "3", "--cache", str(tmp_path / "scores"), "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "4 rows of generation documents from 1 tasks" in out
+    assert re.search(r"^env generation steps per second, step by step: \d+\.\d\d$", out, flags=re.M)
+    assert re.search(r"^env generation steps per second, speculative: \d+\.\d\d \(\d+\.\d\dx\), acceptance [01]\.\d\d, "
+                     r"tokens per verify pass \d+\.\d\d \(\d+ verify passes, \d+ plain steps\), \d+ episodes ended, same rewards$", out, flags=re.M)
+    assert not (tmp_path / "scores").exists() or not any((tmp_path / "scores").rglob("*.safetensors")), "multiple-choice documents were scored"

@@ -9,7 +9,12 @@ import torch
 from lm_eval_rlae.benchmark import PeakMemory, Run, main, report
 
 
-def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, device, capsys):
+def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_member, device, capsys, monkeypatch):
+    """Each weighting step by step and speculative (with its acceptance and tokens per verify pass:
+    rounds forced, as the engine would otherwise use plain steps where they measure faster)."""
+    from lm_eval_rlae.engine.speculative import Drafting
+
+    monkeypatch.setattr(Drafting, "speculates", lambda self, batch: True)
     results = main(["--members", f"{bpe_member},{sp_member}", "--prompts", "3", "--max-gen-toks", "4", "--batch-size", "1,2",
                     "--repeats", "2", "--devices", f"{device},{device}", "--dtype", "float32", "--gate", "0.5"])
     out = capsys.readouterr().out
@@ -21,14 +26,43 @@ def test_benchmark_prints_each_run_and_the_ratios_per_batch_size(bpe_member, sp_
     for batch_size, table in zip(tables[::2], tables[1::2]):
         rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| (\d+) / (\d+) \|$", table, flags=re.M)
         labels = [label for label, *_ in rows]
-        assert labels == [f"{bpe_member} alone (hf)", f"{sp_member} alone (hf)", "members, sum", "rlae uniform", "rlae uniform, gate=0.5"]
+        ensembles = ["rlae uniform", "rlae speculative", "rlae uniform, gate=0.5", "rlae speculative, gate=0.5"]
+        assert labels == [f"{bpe_member} alone (hf)", f"{sp_member} alone (hf)", "members, sum", *ensembles]
         (_, g1, s1, m1, _), (_, g2, s2, m2, _), (_, g_sum, s_sum, m_sum, _), *_ = rows
         for part_a, part_b, total in ((g1, g2, g_sum), (s1, s2, s_sum)):  # printed to 2 decimals
             assert abs(float(part_a) + float(part_b) - float(total)) <= 0.011
         assert abs(int(m1) + int(m2) - int(m_sum)) <= 1  # MiB, rounded
-        for label in ("rlae uniform", "rlae uniform, gate=0.5"):
+        for label in ensembles:
+            drafted = r", acceptance [01]\.\d\d, tokens per verify pass \d+\.\d\d \([1-9]\d* verify passes, 0 plain steps\)" if "speculative" in label else ""
             assert re.search(rf"^{re.escape(label)} / members, batch {batch_size}: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, "
-                             r"peak memory \d+\.\d\d / \d+\.\d\d$", table, flags=re.M)
+                             rf"peak memory \d+\.\d\d / \d+\.\d\d{drafted}$", table, flags=re.M)
+
+
+def test_benchmark_stops_when_speculation_changes_the_output(bpe_member, sp_member, monkeypatch):
+    """Both paths must generate the same texts; a speculative path that changed one is a failure, said loudly."""
+    from lm_eval_rlae.lm import RLAELM
+
+    generate = RLAELM.generate_until
+
+    def changed(self, requests, disable_tqdm=False):
+        texts = generate(self, requests, disable_tqdm)
+        return [text + "!" for text in texts] if self.engine.speculative else texts
+
+    monkeypatch.setattr(RLAELM, "generate_until", changed)
+    with pytest.raises(SystemExit, match="rlae speculative generated other texts than rlae uniform"):
+        main(["--members", f"{bpe_member},{sp_member}", "--prompts", "2", "--max-gen-toks", "2", "--batch-size", "2", "--repeats", "1"])
+
+
+def test_one_hot_weights_are_measured_against_the_chosen_member_alone(bpe_member, sp_member, capsys):
+    """`--weights 0,1`: one more pair of runs, its ratio over the member with the weight alone; the
+    speculative one verifies nothing (one member has weight) and says so."""
+    main(["--members", f"{bpe_member},{sp_member}", "--prompts", "2", "--max-gen-toks", "3", "--batch-size", "2", "--repeats", "1",
+          "--device", "cpu", "--weights", "0,1"])
+    out = capsys.readouterr().out
+    ratio = r"batch 2: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d, peak memory \d+\.\d\d / \d+\.\d\d"
+    assert re.search(rf"^rlae weights=\[0,1\] / {re.escape(sp_member)} alone, {ratio}$", out, flags=re.M)
+    assert re.search(rf"^rlae speculative weights=\[0,1\] / {re.escape(sp_member)} alone, {ratio}, no verify pass \(one member with weight decodes alone\)$", out, flags=re.M)
+    assert re.search(rf"^rlae speculative / members, {ratio}, acceptance", out, flags=re.M)
 
 
 def test_devices_reach_the_ensemble(bpe_member, sp_member):

@@ -64,6 +64,6 @@ def test_benchmark_with_three_members(bpe_member, sp_member, unigram_member, cap
           "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| (\d+) / (\d+) \|$", out, flags=re.M)
-    assert [label for label, *_ in rows] == [f"{m} alone (hf)" for m in (bpe_member, sp_member, unigram_member)] + ["members, sum", "rlae uniform"]
+    assert [label for label, *_ in rows] == [f"{m} alone (hf)" for m in (bpe_member, sp_member, unigram_member)] + ["members, sum", "rlae uniform", "rlae speculative"]
     assert abs(sum(float(g) for _, g, *_ in rows[:3]) - float(rows[3][1])) <= 0.016  # printed to 2 decimals
     assert re.search(r"^rlae uniform / members, batch 2: generate_until \d+\.\d\d, loglikelihood \d+\.\d\d", out, flags=re.M)

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lm_eval_rlae.engine import utf8
+from lm_eval_rlae.engine import speculative, utf8
 from lm_eval_rlae.engine.chat import render
+from lm_eval_rlae.engine.feeding import Sync, queued
 from lm_eval_rlae.engine.members import Member, MemberStream, next_token_targets
+from lm_eval_rlae.engine.speculative import Drafting
 from lm_eval_rlae.policies import PolicyState, WeightPolicy
 from lm_eval_rlae.engine.vocab import UnionVocab
 
-_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _MAX_LOGITS = 2**28  # float32 scores held at once when scoring: 1 GiB
 
 
@@ -67,29 +68,17 @@ class Decoding:
 
 
 @dataclass
-class _Sync:
-    """What a member was fed since its last word boundary, to re-tokenize it there if needed.
-
-    dirty: some of `fed` are not the member's own token for the chosen text (it was fed a
-    re-encoding of another member's token), so they may not be its canonical tokenization.
-    """
-
-    fed: list[int] = field(default_factory=list)
-    text: bytes = b""
-    dirty: bool = False
-
-
-@dataclass
 class _Row:
     n_members: int
     text: bytes = b""
     tokens: list[int] = field(default_factory=list)  # union ids generated
     pieces: list[tuple[bytes, bool]] = field(default_factory=list)  # their text: bytes, whether byte fallback
     done: bool = False
-    syncs: list[_Sync] = field(init=False)
+    steps: int = 0  # union tokens chosen, the end of sequence included
+    syncs: list[Sync] = field(init=False)
 
     def __post_init__(self):
-        self.syncs = [_Sync() for _ in range(self.n_members)]
+        self.syncs = [Sync() for _ in range(self.n_members)]
 
 
 @dataclass
@@ -105,13 +94,21 @@ class Scored:
 
 
 class FusionEngine:
-    def __init__(self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234, gate: float | None = None):
+    """speculative: greedy generation drafts and verifies (`speculative.py`), with the very output of
+    step-by-step decoding; False decodes one step at a time. Sampling always goes step by step."""
+
+    def __init__(
+        self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234, gate: float | None = None,
+        speculative: bool = True,
+    ):
         self.members = members
         self.span_length = span_length
         self.gate = check_gate(gate)
+        self.speculative = speculative
         self.device = members[0].device  # where the members' distributions are fused
         self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.drafting = Drafting(self)  # what speculation has learnt: members' step costs, acceptance
         self.use(policy)
 
     def use(self, policy: WeightPolicy) -> None:
@@ -125,8 +122,11 @@ class FusionEngine:
     def generate(self, contexts: list[str], decoding: Decoding) -> list[str]:
         """Generate for a batch of contexts; returns the raw texts (stop strings not yet cut)."""
         generation = Generation(self, contexts, decoding)
+        # A policy that does not read the state gives every span the same weights: asked once, it
+        # lets drafts run on across spans.
+        span = self.span_length if self.policy.reads_state else decoding.max_gen_toks
         while not generation.done:
-            generation.advance(self.policy(generation.state()), self.span_length)
+            generation.advance(self.policy(generation.state()), span)
         return generation.texts()
 
     # ---------------------------------------------------------------- scoring
@@ -289,114 +289,170 @@ class Generation:
 
     `FusionEngine.generate` drives it with its policy; an RL environment can drive it with an
     agent's actions instead: `state()` -> weights -> `advance(weights, span_length)` until `done`.
+
+    A member runs only when something reads its distribution: the policy's state, or a step where
+    it has weight in a live row. Until then the ids it is owed (its prompt first) wait in `pending`,
+    and it catches up on them in one forward, exactly as if fed one by one.
     """
 
     def __init__(self, engine: FusionEngine, contexts: list[str], decoding: Decoding):
         self.engine, self.union, self.decoding = engine, engine.union, decoding
         self.contexts = list(contexts)
         policy = engine.policy
+        exact_windows = len(engine.members) > 1  # masked slots can arise inside rows (MemberStream)
         self.streams = [
-            MemberStream(member, len(contexts), hidden=policy.needs_hidden, prompt_perplexity=policy.needs_prompt_perplexity)
+            MemberStream(member, len(contexts), policy.needs_hidden, policy.needs_prompt_perplexity, exact_windows)
             for member in engine.members
         ]
-        for member, stream in zip(engine.members, self.streams):
-            stream.feed([self._context_ids(member, context) for context in contexts])
         self.rows = [_Row(len(engine.members)) for _ in contexts]
-        self.pending: list[list[list[int]]] = [[[] for _ in contexts] for _ in engine.members]  # M x B ids the gate held back
+        # M x B ids each member is owed and was not fed yet, its prompt first
+        self.pending: list[list[list[int]]] = [[self._context_ids(member, context) for context in contexts] for member in engine.members]
         self.stops = [stop.encode("utf-8") for stop in decoding.until if stop]
-        self.steps = 0  # union tokens decoded so far
         self.spans = 0  # weight decisions taken so far
+        # greedy choices can be drafted and verified (`speculative`); a sample is drawn the plain way
+        self.speculative = engine.speculative and not (decoding.do_sample and decoding.temperature > 0)
+
+    @property
+    def steps(self) -> int:
+        """Union tokens decoded so far in the row that decoded most."""
+        return max(row.steps for row in self.rows)
 
     @property
     def done(self) -> bool:
-        return self.steps >= self.decoding.max_gen_toks or all(row.done for row in self.rows)
+        return all(self._finished(row) for row in self.rows)
+
+    def _finished(self, row: _Row) -> bool:
+        return row.done or row.steps >= self.decoding.max_gen_toks
 
     def texts(self) -> list[str]:
         return [utf8.decode(row.pieces) for row in self.rows]
 
     def state(self) -> PolicyState:
-        if self.engine.policy.reads_state:
+        """The policy's state at the end of the span. A policy that does not read it
+        (`reads_state` False) gets the members' distributions as they are: stale, or None for a
+        member that has not run yet."""
+        policy = self.engine.policy
+        if policy.reads_state or policy.needs_prompt_perplexity:
             self._catch_up()
         return PolicyState(
             member_logprobs=[stream.logprobs for stream in self.streams],
-            member_hidden=[stream.states for stream in self.streams] if self.engine.policy.needs_hidden else None,
+            member_hidden=[stream.states for stream in self.streams] if policy.needs_hidden else None,
             span_index=torch.full((len(self.rows),), self.spans),
             contexts=self.contexts,
             generated=self.texts(),
-            prompt_logppl=torch.stack([stream.prompt_logppl for stream in self.streams], -1) if self.engine.policy.needs_prompt_perplexity else None,
-            live=torch.tensor([not row.done for row in self.rows]),
+            prompt_logppl=torch.stack([stream.prompt_logppl for stream in self.streams], -1) if policy.needs_prompt_perplexity else None,
+            live=torch.tensor([not self._finished(row) for row in self.rows]),
         )
 
     @torch.no_grad()
     def advance(self, weights: torch.Tensor, n_tokens: int) -> None:
-        """Decode up to n_tokens union tokens with weights [B, M]."""
+        """Decode up to n_tokens more union tokens in every row with weights [B, M] (fewer in a row
+        that ends): drafted and verified where the engine speculates, else one step at a time."""
         weights = weights.to(self.engine.device)
         self.spans += 1
-        for _ in range(n_tokens):
-            if self.done:
-                return
-            step_weights = self._gated(weights)
-            probs = self.union.scatter([stream.logprobs.exp() for stream in self.streams], step_weights)  # [B, U]
-            probs = self._finish_characters(probs, step_weights)
-            if self.steps < self.decoding.min_new_tokens:
-                probs[:, self.union.eos] = 0
-            chosen = self._choose(probs).cpu()  # [B]
-            own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
-            proposer = self._proposer(step_weights, own_ids)
-            for r, token in enumerate(chosen.tolist()):
-                row = self.rows[r]
-                if row.done:
-                    continue
-                if token == self.union.eos:
-                    row.done = True
-                    continue
-                piece = self.union.token_bytes[token]
-                row.text += piece
-                row.tokens.append(token)
-                if text := self.engine.members[proposer[r]].vocab.text_piece(own_ids[proposer[r]][r]):
-                    row.pieces.append(text)  # the text is what the proposer's own decoder makes of it
-                if piece and _has_stop(row.text, len(piece), self.stops):
-                    row.done = True
-                    continue
-                for m in range(len(self.streams)):
-                    self._queue(m, r, own_ids[m][r], piece)
-            self.steps += 1
-            if not self.done:  # the members' next distributions are needed only if decoding goes on
-                self._catch_up(lead_only=True)  # the first member's next distribution decides the gate
-                if not self._lead_decides_next():
-                    self._catch_up()
+        goal = [row.steps + n_tokens for row in self.rows]
+        if self.speculative:
+            speculative.advance(self, weights, goal)
+            return
+        while self.live(goal).any():
+            self.step(weights, goal)
 
-    def _gated(self, weights: torch.Tensor) -> torch.Tensor:
-        """[B, M] this step's weights: the first member's alone on rows where it is confident."""
+    def live(self, goal: list[int]) -> torch.Tensor:
+        """[B] rows still decoding towards their goal (tokens decoded at the span's end)."""
+        return torch.tensor([not self._finished(row) and row.steps < g for row, g in zip(self.rows, goal)])
+
+    def step(self, weights: torch.Tensor, goal: list[int]) -> None:
+        """One union token in each live row: the members this step reads are fed what they are owed,
+        and the ensemble chooses."""
+        live = self.live(goal)
+        logprobs = self.read(weights, live)
+        chosen, proposer = self.decide(logprobs, weights, [row.text for row in self.rows], [row.steps for row in self.rows])
+        own_ids = [back[chosen].tolist() for back in self.union.from_union]  # M x [B]
+        for r in live.nonzero()[:, 0].tolist():
+            token = int(chosen[r])
+            if self.append(r, token, proposer[r], own_ids[proposer[r]][r]):
+                for m in range(len(self.streams)):
+                    self.queue(m, r, own_ids[m][r], self.union.token_bytes[token])
+
+    def read(self, weights: torch.Tensor, live: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each member's next-token log-probs [B, V_m] for a step, None for a member the step does not
+        read: one without weight in any live row. With the gate, the first member is read first; the
+        others only if it is not confident on some live row where they have weight.
+
+        Every member read is fed what it is owed before any result is read (feeding does not wait),
+        so on one device per member a step costs about the slowest member."""
+        needed = self.needed(weights, live)
+        if self.engine.gate is not None:
+            self._catch_up([0])
+            confident = self.confident(self.streams[0].logprobs).cpu()
+            needed = [0] + [m for m in needed if m and (weights.cpu()[live & ~confident, m] > 0).any()]
+        self._catch_up(needed)
+        return [stream.logprobs if m in needed else None for m, stream in enumerate(self.streams)]
+
+    def needed(self, weights: torch.Tensor, live: torch.Tensor) -> list[int]:
+        """The members with weight in some live row (with the gate, the first member too)."""
+        held = (weights.cpu()[live] > 0).any(0).tolist()
+        return [m for m, has in enumerate(held) if has or (m == 0 and self.engine.gate is not None)]
+
+    def confident(self, lead_logprobs: torch.Tensor) -> torch.Tensor:
+        """[N] whether the gate gives each row to the first member alone."""
+        return lead_logprobs.max(-1).values.exp() > self.engine.gate
+
+    def decide(self, logprobs: list[torch.Tensor | None], weights: torch.Tensor, texts: list[bytes], steps: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The ensemble's choice in N rows, the one computation of both the plain and the speculative
+        path: members' log-probs M x [N, V_m] (None: a member without weight in these rows), weights
+        [N, M], each row's text so far (the UTF-8 guard) and tokens decoded so far (min_new_tokens).
+
+        Returns the chosen union ids [N] on the host, and per row the proposer: the member that gave
+        the chosen token most of its weighted probability, whose decoder spells its text."""
+        weights = self._gated(weights, logprobs[0])
+        probs = self.union.scatter([None if lp is None else lp.exp() for lp in logprobs], weights)  # [N, U]
+        probs = self._finish_characters(probs, weights, texts)
+        early = torch.tensor(steps) < self.decoding.min_new_tokens
+        if early.any():
+            probs[early.to(probs.device), self.union.eos] = 0
+        chosen = self._choose(probs).cpu()
+        own_ids = [back[chosen] for back in self.union.from_union]
+        return chosen, self._proposer(weights, logprobs, own_ids)
+
+    def append(self, r: int, token: int, proposer: int, proposer_id: int) -> bool:
+        """Add the chosen token to row r's text; False when it ends the row (end of sequence, stop
+        string), so members need not be fed it."""
+        row = self.rows[r]
+        row.steps += 1
+        if token == self.union.eos:
+            row.done = True
+            return False
+        piece = self.union.token_bytes[token]
+        row.text += piece
+        row.tokens.append(token)
+        if text := self.engine.members[proposer].vocab.text_piece(proposer_id):
+            row.pieces.append(text)  # the text is what the proposer's own decoder makes of it
+        if piece and self.stopped(row.text, len(piece)):
+            row.done = True
+            return False
+        return True
+
+    def stopped(self, text: bytes, new: int) -> bool:
+        """Whether a stop string ends within the last `new` bytes of `text`."""
+        return any(stop in text[-(new + len(stop) - 1) :] for stop in self.stops)
+
+    def _gated(self, weights: torch.Tensor, lead_logprobs: torch.Tensor | None) -> torch.Tensor:
+        """[N, M] the weights of a step: the first member's alone on rows where it is confident."""
         if self.engine.gate is None:
             return weights
-        confident = self.streams[0].logprobs.max(-1).values.exp() > self.engine.gate  # [B]
         lead = torch.zeros_like(weights)
         lead[:, 0] = 1
-        return torch.where(confident[:, None].to(weights.device), lead, weights)
+        return torch.where(self.confident(lead_logprobs)[:, None].to(weights.device), lead, weights)
 
-    def _lead_decides_next(self) -> bool:
-        """Whether the gate will give every live row to the first member at the next step, so the
-        others need not be run for it."""
-        if self.engine.gate is None:
-            return False
-        live = torch.tensor([not row.done for row in self.rows])
-        top = self.streams[0].logprobs.max(-1).values.exp().cpu()
-        return bool((top[live] > self.engine.gate).all())
-
-    def _catch_up(self, lead_only: bool = False) -> None:
-        """Feed the members the ids they are owed (the first member only, with lead_only).
-
-        Every member's forward is launched before any result is read (feeding does not wait), so on
-        one device per member a step costs about the slowest member; only the gate reads the first
-        member's distribution before launching the others, to know whether they are needed.
-        """
-        for m, stream in enumerate(self.streams[:1] if lead_only else self.streams):
+    def _catch_up(self, members=None) -> None:
+        """Feed these members (all by default) the ids they are owed, launching every forward before reading any."""
+        for m in range(len(self.streams)) if members is None else members:
             if any(self.pending[m]):
-                stream.feed(self.pending[m])
+                self.streams[m].feed(self.pending[m])
                 self.pending[m] = [[] for _ in self.rows]
 
-    def _finish_characters(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _finish_characters(self, probs: torch.Tensor, weights: torch.Tensor, texts: list[bytes]) -> torch.Tensor:
         """Where members of different vocabularies are mixed, keep the text UTF-8: a character one
         member started must be finished before anything else is chosen; and never choose `<unk>`.
 
@@ -407,19 +463,20 @@ class Generation:
         groups = self.union.vocab_groups  # members sharing one vocabulary
         if len(groups) == 1:
             return probs
-        mixing = torch.stack([(weights[:, group] > 0).any(-1) for group in groups]).sum(0) > 1  # [B]
+        mixing = torch.stack([(weights[:, group] > 0).any(-1) for group in groups]).sum(0) > 1  # [N]
         if not mixing.any():
             return probs
-        probs = self.union.keep_utf8(probs, torch.tensor([utf8.next_byte_range(row.text) for row in self.rows]), mixing)
+        probs = self.union.keep_utf8(probs, torch.tensor([utf8.next_byte_range(text) for text in texts]), mixing)
         return self.union.drop_unknown(probs, mixing.cpu())
 
-    def _proposer(self, weights: torch.Tensor, own_ids: list[list[int]]) -> list[int]:
-        """For each row, the member that gave the chosen token most of its weighted probability:
-        the text is decoded as that member's own decoder would decode it."""
+    def _proposer(self, weights: torch.Tensor, logprobs: list[torch.Tensor | None], own_ids: list[torch.Tensor]) -> list[int]:
         contributions = []
-        for stream, ids, w in zip(self.streams, own_ids, weights.T):
-            ids = torch.tensor(ids, device=stream.logprobs.device)
-            p = stream.logprobs.gather(1, ids.clamp(min=0)[:, None])[:, 0].exp().masked_fill(ids < 0, 0)
+        for lp, ids, w in zip(logprobs, own_ids, weights.T):
+            if lp is None:  # not read: no weight here
+                contributions.append(torch.zeros_like(w))
+                continue
+            ids = ids.to(lp.device)
+            p = lp.gather(1, ids.clamp(min=0)[:, None])[:, 0].exp().masked_fill(ids < 0, 0)
             contributions.append(p.to(w.device) * w)
         return torch.stack(contributions).argmax(dim=0).tolist()
 
@@ -433,35 +490,15 @@ class Generation:
         ids = member.lm.tok_encode(render(member.lm, context), left_truncate_len=room)
         return ids or [member.lm.prefix_token_id]
 
-    def _queue(self, m: int, row: int, own: int, piece: bytes) -> None:
-        """Queue the ids that append `piece` to member m's row, re-tokenizing at a boundary if needed.
-
-        A member fed its own id for the piece is never re-tokenized. One fed a re-encoding is
-        brought back to its canonical tokens when the next word starts, or as soon as a whole
-        non-ASCII character is in (scripts such as Chinese and Japanese do not separate words by
-        spaces): then, in the same step, so the canonical ids take the place of the piece's own.
-        """
-        vocab, sync = self.engine.members[m].vocab, self.rows[row].syncs[m]
-        if piece and piece[0] in _WHITESPACE:
-            self._resync(m, row)
-        new = [own] if own >= 0 else vocab.encode_bytes(piece)
-        sync.dirty |= own < 0 and bool(piece)
-        sync.fed += new
-        sync.text += piece
-        self.pending[m][row] += new
-        if _ends_non_ascii_character(sync.text):
-            self._resync(m, row)
-
-    def _resync(self, m: int, row: int) -> None:
-        """Close member m's run of ids since its last boundary: a re-encoding that is not the
-        member's canonical tokens for that text is taken back and replaced by them."""
-        sync, pending = self.rows[row].syncs[m], self.pending[m][row]
-        if sync.dirty and (canonical := self.engine.members[m].vocab.encode_bytes(sync.text)) != sync.fed:
-            held = min(len(sync.fed), len(pending))  # not fed yet: just dropped
-            del pending[len(pending) - held :]
-            self.streams[m].take_back(row, len(sync.fed) - held)
-            pending += canonical
-        sync.fed, sync.text, sync.dirty = [], b"", False
+    def queue(self, m: int, row: int, own: int, piece: bytes) -> None:
+        """Queue the ids that append `piece` to member m's row (`queued`): ids it drops come off the
+        queue first, then off its cache."""
+        drop, add, self.rows[row].syncs[m] = queued(self.engine.members[m].vocab, self.rows[row].syncs[m], own, piece)
+        pending = self.pending[m][row]
+        held = min(drop, len(pending))  # not fed yet: just dropped
+        del pending[len(pending) - held :]
+        self.streams[m].take_back(row, drop - held)
+        pending += add
 
     def _choose(self, probs: torch.Tensor) -> torch.Tensor:
         """[B, U] mixture -> [B] union ids: argmax, or a sample after temperature / top-k / top-p."""
@@ -584,12 +621,3 @@ def _encode_pair(member: Member, context: str, continuation: str) -> tuple[list[
             "non-empty continuations that start a new token, e.g. with the space in the continuation (target_delimiter)."
         )
     return pair
-
-
-def _ends_non_ascii_character(text: bytes) -> bool:
-    return bool(text) and text[-1] >= 0x80 and utf8.pending_continuation_bytes(text) == 0
-
-
-def _has_stop(text: bytes, new: int, stops: list[bytes]) -> bool:
-    """Whether a stop string ends within the last `new` bytes of `text`."""
-    return any(stop in text[-(new + len(stop) - 1) :] for stop in stops)

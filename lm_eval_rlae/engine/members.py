@@ -118,17 +118,32 @@ class Member:
     def max_length(self) -> int:
         return self.lm.max_length
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the model's sliding-window attention layers, where it has them beside full ones
+        (Gemma 2 / 3); None otherwise."""
+        config = self.model.config.get_text_config()
+        types = set(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        return window if window and "sliding_attention" in types and types <= {"sliding_attention", "full_attention"} else None
+
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, position_ids, keep, cache=None, hidden=False, targets=None):
+    def forward(self, input_ids, attention_mask, position_ids, keep, cache=None, hidden=False, targets=None, slot_positions=None):
         """One forward pass; logits only at `keep` positions ([B, K] indices into the chunk).
 
         targets [B, T]: the id each input position predicts (-1 where none); with them, also each
         row's summed negative log-likelihood of its targets (a prompt's perplexity, from the same pass).
+        slot_positions [B, S]: the position of every cache slot, past and new (S = the mask's width);
+        with them, sliding-window layers attend to each row's last `sliding_window` tokens whatever
+        masked slots lie between them (the cache must then keep every slot: a `DynamicCache()`).
         Returns (logits [B, K, V] float32, hidden [B, K, H] or None, cache, nll [B] or None).
         """
         # Inputs go to the device before the forward is launched: a host-to-device copy after it would
         # wait for it, and members on separate devices would no longer overlap (see MemberStream.feed).
         keep = keep.to(self.device)
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
+        if slot_positions is not None:
+            attention_mask = self._window_masks(input_ids, attention_mask, position_ids, slot_positions.to(self.device), cache)
         # The final hidden states, when asked for, are the decoder's own output, caught on the way
         # to the head: output_hidden_states would keep every layer's [B, T, H] to return the last.
         caught = {}
@@ -137,9 +152,9 @@ class Member:
             hook = self.model.get_decoder().register_forward_hook(lambda _, __, output: caught.update(last=output.last_hidden_state))
         try:
             out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                position_ids=position_ids.to(self.device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
                 use_cache=cache is not None,
                 logits_to_keep=keep,
                 **{self._cache_arg: cache},
@@ -155,6 +170,25 @@ class Member:
             if targets is not None:
                 nll = self._nll(last, targets.to(last.device), kept, out.logits)
         return out.logits.float(), states, cache, nll  # the cache is updated in place
+
+    def _window_masks(self, input_ids, attention_mask, position_ids, slot_positions, cache) -> dict:
+        """The model's attention masks per layer type, its sliding window counted in each row's own
+        tokens (positions) rather than in cache slots. Built by transformers' own mask functions, so
+        they take the form the model's attention implementation reads."""
+        from transformers.masking_utils import create_causal_mask
+
+        config = self.model.config.get_text_config()
+        window = config.sliding_window
+        shape = torch.empty(*input_ids.shape, 0, dtype=self.model.dtype, device=self.device)  # [B, W, 0]: sizes and dtype only
+
+        def in_window(batch_idx, head_idx, q_idx, kv_idx):
+            return slot_positions[batch_idx, kv_idx] > slot_positions[batch_idx, q_idx] - window
+
+        common = dict(config=config, inputs_embeds=shape, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        return {
+            "full_attention": create_causal_mask(**common),
+            "sliding_attention": create_causal_mask(**common, and_mask_function=in_window),
+        }
 
     def _nll(self, last, targets, kept, logits) -> torch.Tensor:
         """[B] summed -log p(target) from the final hidden states [B, T, H], through the output head a
@@ -185,25 +219,28 @@ class MemberStream:
     """A member's batch of KV caches, fed only new ids at each step.
 
     Rows may be fed different numbers of ids per step (left-padded, masked), and may take back
-    their last ids (masked out rather than cropped, so other rows keep their caches). Positions are
-    tracked per row, so a masked slot never shifts a row's positions.
+    their last ids (masked out rather than cropped, so other rows keep their caches; slots masked in
+    every row at the end are cropped). Positions are tracked per row, so a masked slot never shifts
+    a row's positions.
 
-    Sliding-window layers (Gemma 2/3, Mistral) count cache slots, not a row's tokens, and keep only
-    the last `window` slots. Every feed is right-justified, so after the prompts every row ends in
-    the same slot, as in hf's left-padded batches: a member fed only its own tokens (alone, copies,
-    one-hot weights) is exact at any batch size. What stays approximate: a masked slot inside a
-    row's window takes the place of one of its tokens. Such slots arise only where members of
-    different vocabularies are mixed: a re-encoded word taken back for its canonical tokens, or
-    rows fed different numbers of ids in one step. The window then holds a few tokens fewer (out
-    of Gemma's 512); removing them would mean compacting every layer's cache per row.
+    Sliding-window layers (Gemma 2/3) of transformers' cache count slots, not a row's tokens, and
+    keep only the last `window` slots. Every feed is right-justified, so after the prompts every row
+    ends in the same slot, as in hf's left-padded batches: a member fed only its own tokens, one per
+    step, is exact at any batch size. Where masked slots can arise inside rows (several members: a
+    re-encoded word taken back for its canonical tokens, rows fed different numbers of ids in one
+    step, a draft taken back), `exact_windows` keeps every slot and counts the window in each row's
+    own tokens instead (`Member.forward`'s slot positions), so it holds exactly its last `window`
+    tokens whatever the slots between them.
     """
 
-    def __init__(self, member: Member, batch: int, hidden: bool = False, prompt_perplexity: bool = False):
+    def __init__(self, member: Member, batch: int, hidden: bool = False, prompt_perplexity: bool = False, exact_windows: bool = False):
         self.member = member
         self.hidden = hidden
         self.prompt_perplexity = prompt_perplexity
+        self.exact_windows = exact_windows and member.sliding_window is not None
         self.cache = None
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, T] over cache slots
+        self.positions = torch.zeros(batch, 0, dtype=torch.long)  # [B, T] position of each slot (exact windows)
         self.next_pos = torch.zeros(batch, dtype=torch.long)  # [B] position of the next real token
         self.slots: list[list[int]] = [[] for _ in range(batch)]  # cache slot of every live token
         self.ids: list[list[int]] = [[] for _ in range(batch)]  # the live tokens themselves
@@ -212,7 +249,7 @@ class MemberStream:
         self.prompt_logppl: torch.Tensor | None = None  # [B] log-perplexity of the first ids fed (the prompt)
 
     def take_back(self, row: int, n: int) -> None:
-        """Forget the last n ids fed to `row`."""
+        """Forget the last n ids fed to `row` (its next-token distribution is the caller's to restore)."""
         if n:
             gone = self.slots[row][-n:]
             del self.slots[row][-n:]
@@ -220,16 +257,23 @@ class MemberStream:
             self.mask[row, gone] = 0
             self.next_pos[row] -= n
 
-    def feed(self, ids_per_row: list[list[int]]) -> None:
+    def feed(self, ids_per_row: list[list[int]], read: list[list[int]] | None = None):
         """Append ids to each row's cache and refresh the next-token distribution of fed rows.
+
+        read: per row, offsets into its new ids after which to return the next-token log-probs (and
+        final hidden states) too, -1 for the distribution before them: ([B, K, V], [B, K, H] or None),
+        K the longest list, shorter lists repeating their last offset. One forward gives a draft's
+        distributions at every drafted position.
 
         Past the prompt, nothing here waits for the forward it launches (no host read, no copy to
         the device after it), so members on separate devices, fed one after the other, run at once.
         """
         lengths = torch.tensor([len(ids) for ids in ids_per_row])
         width = int(lengths.max())
+        before, before_states = self.logprobs, self.states
         if width == 0:
-            return
+            return None if read is None else self._read_before(read)
+        self._crop_masked_end()
         batch, start = len(ids_per_row), self.mask.shape[1]
         # right-justified: a sliding window counts slots back from the last one (see the class doc)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -241,29 +285,69 @@ class MemberStream:
         new_mask = (torch.arange(width)[None, :] >= pad).long()  # [B, W]
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         position_ids = (self.next_pos[:, None] + torch.arange(width)[None, :] - pad).clamp(min=0)
+        if self.exact_windows:
+            self.positions = torch.cat([self.positions, position_ids], dim=1)
         keep = torch.full((batch, 1), width - 1)  # [B, 1] the last slot: each fed row's last new token
+        if read is not None:
+            offsets = _offsets(read)  # [B, K]
+            keep = torch.cat([(pad + offsets.clamp(min=0)).clamp(max=width - 1), keep], dim=1)  # [B, K + 1]
         every_row_fed = self.logprobs is None or bool((lengths > 0).all())
         fed = None if every_row_fed else (lengths > 0)[:, None].to(self.member.device)  # [B, 1], before the forward
         targets = None
         if self.cache is None:
             from transformers import DynamicCache
 
-            self.cache = DynamicCache(config=self.member.model.config)
+            # exact windows keep every slot (full-attention layers); their masks apply the window
+            self.cache = DynamicCache() if self.exact_windows else DynamicCache(config=self.member.model.config)
             if self.prompt_perplexity:
                 targets = next_token_targets(input_ids, lengths)
         logits, states, self.cache, nll = self.member.forward(
-            input_ids, self.mask, position_ids, keep, cache=self.cache, hidden=self.hidden, targets=targets
+            input_ids, self.mask, position_ids, keep, cache=self.cache, hidden=self.hidden, targets=targets,
+            slot_positions=self.positions if self.exact_windows else None,
         )
         if nll is not None:
             self.prompt_logppl = nll.cpu() / (lengths - 1).clamp(min=1)
-        logprobs = torch.log_softmax(logits[:, 0], dim=-1)  # [B, V]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [B, K (+ 1), V]
+        last, last_states = logprobs[:, -1], None if states is None else states[:, -1]
         if every_row_fed:
-            self.logprobs, self.states = logprobs, None if states is None else states[:, 0]
+            self.logprobs, self.states = last, last_states
         else:  # rows fed nothing keep their distribution
-            self.logprobs = torch.where(fed, logprobs, self.logprobs)
+            self.logprobs = torch.where(fed, last, self.logprobs)
             if states is not None:
-                self.states = torch.where(fed, states[:, 0], self.states)
+                self.states = torch.where(fed, last_states, self.states)
         self.next_pos += lengths
+        if read is None:
+            return None
+        earlier = (offsets < 0)[..., None].to(logprobs.device)  # [B, K, 1] distributions from before this feed
+        read_logprobs = logprobs[:, :-1] if before is None else torch.where(earlier, before[:, None], logprobs[:, :-1])
+        read_states = None
+        if states is not None:
+            read_states = states[:, :-1] if before_states is None else torch.where(earlier, before_states[:, None], states[:, :-1])
+        return read_logprobs, read_states
+
+    def _read_before(self, read: list[list[int]]):
+        """`feed`'s read when nothing is fed: every row's current distribution, K times."""
+        k = _offsets(read).shape[1]
+        states = None if self.states is None else self.states[:, None].expand(-1, k, -1)
+        return self.logprobs[:, None].expand(-1, k, -1), states
+
+    def _crop_masked_end(self) -> None:
+        """Drop the last cache slots where every row's slot is masked (ids taken back everywhere), so
+        taken-back drafts do not lengthen the cache. Transformers' sliding-window layers cannot be
+        cropped once full, so only caches without them are."""
+        if self.cache is None or any(self.cache.is_sliding):
+            return
+        used = self.mask.any(0).nonzero()
+        end = int(used[-1]) + 1 if len(used) else 0
+        if end < self.mask.shape[1]:
+            self.cache.crop(end - self.mask.shape[1])
+            self.mask, self.positions = self.mask[:, :end], self.positions[:, :end]
+
+
+def _offsets(read: list[list[int]]) -> torch.Tensor:
+    """[B, K] read offsets, each row's list padded with its last offset (-1 for an empty list)."""
+    k = max(1, max(map(len, read)))
+    return torch.tensor([offsets + [offsets[-1] if offsets else -1] * (k - len(offsets)) for offsets in read])
 
 
 def next_token_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -396,11 +396,14 @@ class UnionVocab:
     def scatter(self, probs_m: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of members' next-token distributions in the union.
 
-        probs_m[m]: [B, V_m]; weights: [B, M] -> [B, U]. One vectorised index_add per member.
+        probs_m[m]: [B, V_m], or None for a member without weight in these rows; weights: [B, M] ->
+        [B, U]. One vectorised index_add per member.
         """
         device = self.to_union[0].device
         union = torch.zeros(weights.shape[0], self.size + 1, dtype=torch.float32, device=device)
         weights = weights.to(device)
         for m, probs in enumerate(probs_m):
+            if probs is None:
+                continue
             union.index_add_(1, self.to_union[m][: probs.shape[-1]], probs.to(device, torch.float32) * weights[:, m : m + 1])
         return union[:, : self.size]

@@ -38,6 +38,9 @@ class TrainConfig:
     state: str = "members"  # members (read off the members) | stats (their confidence alone) | text (sentence encoder over prompt + output)
     text_encoder: str = TEXT_ENCODER  # the `text` state's encoder: all-minilm-l6-v2 (PyPI) or a HF id
     span_length: int = 4  # union tokens generated between two decisions
+    speculative: bool = True  # the env drafts and verifies its generation rows (the same texts, fewer forwards);
+    # the members' states then differ by float rounding with the forwards' widths, which follow measured
+    # speed, so only `false` makes a run, and a resumed run, bit-for-bit reproducible
     include_path: str | None = str(TASK_CONFIGS)  # where tasks beyond the harness's own are found
     metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # task pattern -> reward metric (default: its first)
     splits: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # task pattern (glob over leaves, or a
@@ -103,7 +106,7 @@ class TrainConfig:
     def resumable_from(self, other: dict) -> bool:
         """A checkpoint continues this run when everything agrees but where it writes and how many
         epochs it runs (a run can be extended)."""
-        free = ("out", "epochs", "test_docs", "ray_address")
+        free = ("out", "epochs", "test_docs", "ray_address", "speculative")  # speculative: speed only, the same texts
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free} == {k: v for k, v in other.items() if k not in free}
 
 
@@ -132,7 +135,7 @@ class Run:
         self.shares = self.mixture.shares  # leaf task -> its share of the training episodes and of the validation mean
         _seed_everything(c.seed)
         self.members = [Member(MemberSpec.parse(name, {"device": c.device})) for name in c.members]
-        self.engine = FusionEngine(self.members, UniformPolicy(len(self.members)), span_length=c.span_length, seed=c.seed)
+        self.engine = FusionEngine(self.members, UniformPolicy(len(self.members)), span_length=c.span_length, seed=c.seed, speculative=c.speculative)
         self.features = make_state_features(c.state, self.members, self.engine.union, c.text_encoder)
         self.spec = AgentSpec(
             algorithm=c.algorithm,

@@ -20,7 +20,9 @@ With `rollout_workers: N` the env's rows are stepped on N Ray workers, each with
 (`trainer.agents.rollouts`); the learner, its updates and validation stay in this process.
 
 Run the same command again after a kill and it resumes from the last checkpoint; as episodes restart
-at epoch boundaries and every RNG is restored, the resumed run is the run that was not killed.
+at epoch boundaries and every RNG is restored, the resumed run is the run that was not killed (bit for
+bit with `speculative: false`; speculative decoding gives the same texts, but members' states rounded
+by forwards of widths that follow measured speed).
 Outputs in `out` (default `runs/<config name>-<algorithm>`): config.json, tb/ (TensorBoard),
 checkpoint/, best/, last/, validation.json.
 """
