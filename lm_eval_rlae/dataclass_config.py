@@ -20,7 +20,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def _flag_type(hint):
     """YAML for lists and dicts (`--tasks '{a: 1, b: 2}'`), true or false for a bool, the field's own type otherwise."""
-    if hint is bool:
+    if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: None is the default, not a flag value
         return _bool
     base = typing.get_origin(hint) or hint
     if base in (list, dict) or any(typing.get_origin(a) in (list, dict) for a in typing.get_args(hint)):

@@ -49,8 +49,9 @@ class RLAELM(LM):
     gate:         a confidence gate for generation (GaC's), e.g. 0.9: a token the first member gives
                   more than this probability is its alone, and the other members skip that step
     speculative:  greedy generation drafts with one member and verifies with the others in one
-                  forward, with exactly the output of step-by-step decoding (default true);
-                  `speculative=false` decodes step by step. Sampling always goes step by step.
+                  forward, with exactly the output of step-by-step decoding; `auto` (default):
+                  where every member is on a GPU (on a CPU it costs more than it saves);
+                  `true` / `false` force it. Sampling always goes step by step.
     agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the
@@ -77,7 +78,7 @@ class RLAELM(LM):
         max_gen_toks: int = 256,
         seed: int = 1234,
         gate: float | None = None,
-        speculative: bool | str = True,
+        speculative: bool | str = "auto",
     ):
         super().__init__()
         entries = parse_list(members)
@@ -113,7 +114,7 @@ class RLAELM(LM):
         ]
         # arguments and the agent's checkpoint are checked before loading any model
         gate = check_gate(gate)
-        speculative = _flag(speculative, "speculative")
+        speculative = None if str(speculative).strip().lower() == "auto" else _flag(speculative, "speculative")
         if agent is not None:
             if weights is not None:
                 raise ValueError(f"give weights={weights} or agent={agent}, not both: an agent sets the weights itself")
@@ -258,7 +259,7 @@ def _flag(value, name: str) -> bool:
         return value
     text = str(value).strip().lower()
     if text not in ("true", "false", "1", "0"):
-        raise ValueError(f"{name}={value!r}: give true or false")
+        raise ValueError(f"{name}={value!r}: give true or false{' (or auto)' if name == 'speculative' else ''}")
     return text in ("true", "1")
 
 

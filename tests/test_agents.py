@@ -490,7 +490,9 @@ def test_config_flags_override_the_yaml(tmp_path):
     assert (config.lr, config.hidden, config.algorithm, config.out) == (0.5, [32], "mappo", str(Path("runs") / "c-mappo"))
     parser = argparse.ArgumentParser()
     dataclass_config.add_flags(parser, TrainConfig)
-    assert config.speculative and not load_config(path, vars(parser.parse_args(["--speculative", "false"]))).speculative
+    assert config.speculative is None  # auto: drafts where the members are on a GPU
+    assert load_config(path, vars(parser.parse_args(["--speculative", "true"]))).speculative is True
+    assert load_config(path, vars(parser.parse_args(["--speculative", "false"]))).speculative is False
     with pytest.raises(SystemExit):  # argparse: "'maybe': give true or false"
         parser.parse_args(["--speculative", "maybe"])
     with pytest.raises(SystemExit, match="unknown config keys"):
@@ -633,7 +635,7 @@ def test_the_env_decodes_generation_speculatively_and_the_agent_reads_the_state_
     from trainer.agents.tasks import Document
 
     monkeypatch.setattr(Drafting, "speculates", lambda self, batch: True)  # rounds, not the faster of rounds and steps
-    run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", tasks={"route_gen": 1.0}, rows=8, val_docs=4))
+    run = Run(_config(bpe_member, sp_member, route_tasks, tmp_path / "run", tasks={"route_gen": 1.0}, rows=8, val_docs=4, speculative=True))
     assert run.engine.speculative
     span, state, reward = run.config.span_length, Generation.state, Document.reward
     ended = []  # (document, text) of every episode, in order

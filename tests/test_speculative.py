@@ -170,7 +170,7 @@ def test_sliding_windows_count_a_rows_own_tokens_whatever_the_masked_slots(bpe_m
     each row of the sliding-window member reads as the member reads that row's ids alone."""
     from test_equality_hf import SLIDING_PROMPTS
 
-    engine = FusionEngine([_member(bpe_member), sliding], UniformPolicy(2))
+    engine = FusionEngine([_member(bpe_member), sliding], UniformPolicy(2), speculative=True)
     generation = Generation(engine, SLIDING_PROMPTS, Decoding(until=[], max_gen_toks=16))
     generation.advance(torch.full((len(SLIDING_PROMPTS), 2), 0.5), 16)
     generation._catch_up([1])
@@ -187,7 +187,7 @@ def test_members_without_weight_do_not_run(members, monkeypatch):
     reads the state brings it up to date in one forward."""
     calls = []
     monkeypatch.setattr(members[1], "forward", lambda *a, **k: calls.append(1) or pytest.fail("member 1 ran"))
-    engine = FusionEngine(members, FixedPolicy([1.0, 0.0]))
+    engine = FusionEngine(members, FixedPolicy([1.0, 0.0]), speculative=True)
     engine.generate(CONTEXTS[:4], Decoding(until=[], max_gen_toks=8))
     assert not calls
 
@@ -198,7 +198,7 @@ def test_drafts_save_the_verifiers_forwards(members, bpe_member, monkeypatch):
     forwards = []
     original = copy.forward
     monkeypatch.setattr(copy, "forward", lambda *a, **k: forwards.append(1) or original(*a, **k))
-    engine = FusionEngine([bpe, copy], UniformPolicy(2))
+    engine = FusionEngine([bpe, copy], UniformPolicy(2), speculative=True)
     engine.generate(CONTEXTS[:2], Decoding(until=[], max_gen_toks=24))
     assert len(forwards) <= 1 + 24 // 3, len(forwards)
     assert engine.drafting.counts.tokens_per_round > 3
@@ -220,7 +220,7 @@ def test_rounds_are_used_where_they_are_faster_per_token(members, monkeypatch):
 
 
 def test_sampling_goes_step_by_step(members):
-    engine = FusionEngine(members, UniformPolicy(2))
+    engine = FusionEngine(members, UniformPolicy(2), speculative=True)
     engine.generate(CONTEXTS[:2], Decoding(until=[], max_gen_toks=8, do_sample=True, temperature=1.0))
     assert engine.drafting.counts.rounds == 0
 
@@ -267,10 +267,13 @@ def test_any_prompts_and_weights_are_lossless(members, contexts, weights, span_l
     assert_lossless(members, FixedPolicy(weights), contexts=contexts, span_length=span_length, max_gen_toks=10)
 
 
-def test_speculative_false_is_the_model_argument(bpe_member, sp_member):
+def test_speculative_is_the_model_argument_and_auto_drafts_on_gpus_only(bpe_member, sp_member):
     from lm_eval_rlae.lm import RLAELM
 
-    assert RLAELM(members=[bpe_member, sp_member], device="cpu").engine.speculative
+    assert not RLAELM(members=[bpe_member, sp_member], device="cpu").engine.speculative  # auto: CPU members decode step by step
+    assert RLAELM(members=[bpe_member, sp_member], device="cpu", speculative="true").engine.speculative
     assert not RLAELM(members=[bpe_member, sp_member], device="cpu", speculative="false").engine.speculative
+    if torch.cuda.is_available():
+        assert RLAELM(members=[bpe_member, sp_member], device="cuda").engine.speculative
     with pytest.raises(ValueError, match="speculative='maybe': give true or false"):
         RLAELM(members="[no-such-model-anywhere]", speculative="maybe")

@@ -41,7 +41,7 @@ def generation_only(config: TrainConfig) -> TrainConfig:
     tasks = {leaf: mixture.shares[leaf] for leaf, task in mixture.tasks.items() if task.OUTPUT_TYPE == "generate_until"}
     if not tasks:
         raise SystemExit(f"no generation task in tasks {config.tasks}: nothing to time")
-    return dataclasses.replace(config, tasks=tasks, mc_rows=0)
+    return dataclasses.replace(config, tasks=tasks, mc_rows=0, holdout=[], folds=[], fold=None)
 
 
 def measure(run: Run, documents: dict, speculative: bool, steps: int, seed: int) -> Speed:

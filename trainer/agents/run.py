@@ -38,8 +38,9 @@ class TrainConfig:
     state: str = "members"  # members (read off the members) | stats (their confidence alone) | text (sentence encoder over prompt + output)
     text_encoder: str = TEXT_ENCODER  # the `text` state's encoder: all-minilm-l6-v2 (PyPI) or a HF id
     span_length: int = 4  # union tokens generated between two decisions
-    speculative: bool = True  # the env drafts and verifies its generation rows (the same texts, fewer forwards);
-    # the members' states then differ by float rounding with the forwards' widths, which follow measured
+    speculative: bool | None = None  # the env drafts and verifies its generation rows (the same texts, fewer
+    # forwards where a forward over k tokens costs about one); None: where the members are on a GPU. Drafting
+    # makes the members' states differ by float rounding with the forwards' widths, which follow measured
     # speed, so only `false` makes a run, and a resumed run, bit-for-bit reproducible
     include_path: str | None = str(TASK_CONFIGS)  # where tasks beyond the harness's own are found
     metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # task pattern -> reward metric (default: its first)
