@@ -219,12 +219,15 @@ def real_pair(member_dirs):
 def test_real_members_together_on_unicode_heavy_text(real_pair, tiny_task_manager):
     """Both real tokenizers on the same unicode-heavy requests: loglikelihoods finite and <= 0,
     generations valid text cut at the stop string."""
+    import tiny_tasks
+
     from lm_eval_rlae.policies import UniformPolicy
 
     real_pair.engine.policy = UniformPolicy(2)
     got = _unicode_run(tiny_task_manager, real_pair)
     scores = [ll for choices in got["tiny_mc"].values() for ll, _ in choices] + [r[0] for r in got["tiny_roll"].values()]
-    assert len(scores) == 3 + 3 + 4 + 3 and all(math.isfinite(x) and x <= 0 for x in scores), scores
+    requests = sum(len(tiny_tasks.MC_DOCS[d]["choices"]) for d in UNICODE_DOCS["tiny_mc"]) + len(UNICODE_DOCS["tiny_roll"])
+    assert len(scores) == requests and all(math.isfinite(x) and x <= 0 for x in scores), scores
     for doc_id, (text,) in got["tiny_gen"].items():
         text.encode("utf-8")  # no lone surrogates
         assert "\n" not in text, (doc_id, text)
