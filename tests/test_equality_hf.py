@@ -294,27 +294,27 @@ def test_sliding_window_member_is_exact_in_any_batch_of_mixed_lengths(sp_sliding
 # ---------------------------------------------------------------------------- heterogeneous
 
 
-def test_heterogeneous_results_do_not_depend_on_batch_size_or_order(run_eval, members):
-    pair = [members["bpe"], members["sp"]]
-    one = run_eval("rlae", rlae(pair), ALL, batch_size=1)
-    four = run_eval("rlae", rlae(pair), ALL + SHUF, batch_size=4)
+def _independent_of_batch_size_and_order(run_eval, members, kinds: list[str]) -> dict:
+    """rlae over `kinds` at batch size 1, and at 4 with the tasks again in shuffled order: the same
+    samples, and valid text. Returns the batch-size-1 results."""
+    name = f"rlae[{','.join(kinds)}]"
+    one = run_eval("rlae", rlae([members[kind] for kind in kinds]), ALL, batch_size=1)
+    four = run_eval("rlae", rlae([members[kind] for kind in kinds]), ALL + SHUF, batch_size=4)
     for task, shuf in zip(ALL, SHUF):
-        assert_same_samples(task, four[task], one[task], "rlae[bpe,sp] bs=4 vs bs=1")
-        assert_same_samples(task, four[shuf], one[task], "rlae[bpe,sp] shuffled bs=4 vs bs=1")
-    assert_valid_text(one["tiny_gen"], "rlae[bpe,sp] bs=1")
-    assert_valid_text(four["tiny_gen"], "rlae[bpe,sp] bs=4")
-    assert_valid_text(four["tiny_gen_shuf"], "rlae[bpe,sp] shuffled")
+        assert_same_samples(task, four[task], one[task], f"{name} bs=4 vs bs=1")
+        assert_same_samples(task, four[shuf], one[task], f"{name} shuffled bs=4 vs bs=1")
+    assert_valid_text(one["tiny_gen"], f"{name} bs=1")
+    assert_valid_text(four["tiny_gen"], f"{name} bs=4")
+    assert_valid_text(four["tiny_gen_shuf"], f"{name} shuffled")
+    return one
+
+
+def test_heterogeneous_results_do_not_depend_on_batch_size_or_order(run_eval, members):
+    _independent_of_batch_size_and_order(run_eval, members, ["bpe", "sp"])
 
 
 def test_three_families_do_not_depend_on_batch_size_or_order(run_eval, members):
-    three = [members[kind] for kind in THREE]
-    one = run_eval("rlae", rlae(three), ALL, batch_size=1)
-    four = run_eval("rlae", rlae(three), ALL + SHUF, batch_size=4)
-    for task, shuf in zip(ALL, SHUF):
-        assert_same_samples(task, four[task], one[task], "rlae[bpe,sp,unigram] bs=4 vs bs=1")
-        assert_same_samples(task, four[shuf], one[task], "rlae[bpe,sp,unigram] shuffled bs=4 vs bs=1")
-    assert_valid_text(one["tiny_gen"], "rlae[bpe,sp,unigram] bs=1")
-    assert_valid_text(four["tiny_gen"], "rlae[bpe,sp,unigram] bs=4")
+    one = _independent_of_batch_size_and_order(run_eval, members, THREE)
     # a real mixture of three: on or above the weighted mean of the members' own loglikelihoods (Jensen)
     alone = [run_eval("hf", hf(members[kind]), ALL) for kind in THREE]
     for doc_id, s in one["tiny_mc"].items():
