@@ -84,6 +84,16 @@ def test_chat_templates_differ_and_render(tokenizers):
         assert special.issuperset(markers)
 
 
+def test_tokenizers_build_the_same_on_every_run():
+    """The members are rebuilt by every test session on every machine; a tokenizer trainer that is not
+    deterministic (the Unigram trainer's scores vary with its hash-map order) gives another member."""
+    import tiny_models
+
+    for build in (tiny_models.build_bpe_tokenizer, tiny_models.build_sp_tokenizer, tiny_models.build_unigram_tokenizer):
+        first, second = (json.loads(build().backend_tokenizer.to_str())["model"]["vocab"] for _ in range(2))
+        assert first == second, f"{build.__name__} gave two vocabularies"
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sp", "unigram"])
 def test_greedy_paths_have_no_near_ties(tokenizers, models, kind):
     """Greedy generations must not flip under batching noise: top-1 vs top-2 gaps stay clear."""

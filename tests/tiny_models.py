@@ -22,6 +22,7 @@ Nothing here downloads anything. ``build_all(root)`` writes ``root/bpe``, ``root
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -265,6 +266,17 @@ def build_unigram_tokenizer(vocab_size: int = 500):
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines(), trainer)
+    # The trainer's piece set is stable, but its EM scores vary from run to run by up to ~2e-3 (the
+    # order of its hash maps and threads), which reorders ids and changes the member built on them.
+    # Score the pieces by their frequency in the corpus instead: the same member on every machine.
+    spec = json.loads(tok.to_str())
+    pieces = [p for p, _ in spec["model"]["vocab"] if p not in UNIGRAM_SPECIALS]
+    text = "".join(corpus_lines()).replace(" ", "▁")
+    counts = {p: text.count(p) + 1 for p in pieces}
+    total = sum(counts.values())
+    scored = sorted(((p, math.log(c / total)) for p, c in counts.items()), key=lambda ps: (-ps[1], ps[0]))
+    spec["model"]["vocab"] = [[p, 0.0] for p in UNIGRAM_SPECIALS] + [[p, s] for p, s in scored]
+    tok = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -343,7 +355,7 @@ def build_sp_model(tokenizer, seed: int = 7, initializer_range: float = 0.3, sli
     return model
 
 
-def build_unigram_model(tokenizer, seed: int = 99, initializer_range: float = 0.3):
+def build_unigram_model(tokenizer, seed: int = 200, initializer_range: float = 0.3):
     import torch
     from transformers import Olmo2Config, Olmo2ForCausalLM
 

@@ -32,7 +32,7 @@ GEN_DOCS = [
     {"question": "Say hello in Chinese: 你好 or 🤗?", "answer": "你好"},
 ]
 
-# " day" (bpe), " the" (sp) and " se" (unigram) are the tiny members' greedy continuations of three of
+# " day" (bpe), " the" (sp) and " man" (unigram) are the tiny members' greedy continuations of three of
 # these prompts, so is_greedy is True somewhere for each member.
 MC_DOCS = [
     {"question": "What is the capital of France?", "choices": ["Paris", "London", "Rome", "Berlin"], "label": 0},
@@ -42,7 +42,7 @@ MC_DOCS = [
     {"question": "Water freezes at", "choices": ["0 degrees", "100 degrees", "50 degrees"], "label": 0},
     {"question": "Which one is a color?", "choices": ["Monday", "purple", "seven", "day"], "label": 1},
     {"question": "Pick the greeting:", "choices": ["再见", "你好 👋", "谢谢"], "label": 1},
-    {"question": "The sun is a", "choices": ["planet", "moon", "star", "comet", "se"], "label": 2},
+    {"question": "The sun is a", "choices": ["planet", "moon", "star", "comet", "man"], "label": 2},
 ]
 
 _LONG = (
