@@ -13,7 +13,8 @@ its share of the documents (`rank`, `world_size`) and gathers their results. CPU
 (gloo), unlike hf, which splits documents only over several GPUs.
 
 With `--log_samples`, the weights an agent or `weights=perplexity` chose for every request are written
-beside the samples (`decisions.py`).
+beside the samples (`decisions.py`). With `calibrate=K`, each task first tries its weights and each
+member alone on K labelled documents the evaluation does not read, and runs with the best (`calibration.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
+from lm_eval_rlae.calibration import Calibrator
 from lm_eval_rlae.decisions import Recorder
 from lm_eval_rlae.engine.chat import encode_chat
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, check_gate
@@ -56,6 +58,9 @@ class RLAELM(LM):
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the
                   agent's own, else 4)
+    calibrate:    K: per task, try the weights (or agent) and each member alone on K labelled
+                  documents of the task that are not evaluated, and run the task with the best;
+                  0 (default): off. `calibrate_include=DIR` finds tasks of an `--include_path` of your own
     device/dtype: defaults for every member; `devices=[..]` / `dtypes=[..]` set them per member
                   (under `accelerate launch` on several processes, each process's own device)
     trust_remote_code: off unless asked, for every member
@@ -79,6 +84,8 @@ class RLAELM(LM):
         seed: int = 1234,
         gate: float | None = None,
         speculative: bool | str = "auto",
+        calibrate: int = 0,
+        calibrate_include: str | None = None,
     ):
         super().__init__()
         entries = parse_list(members)
@@ -114,6 +121,9 @@ class RLAELM(LM):
         ]
         # arguments and the agent's checkpoint are checked before loading any model
         gate = check_gate(gate)
+        calibrate = int(calibrate or 0)
+        if calibrate < 0:
+            raise ValueError(f"calibrate={calibrate}: give the number of labelled documents each task is calibrated on, or 0 (off)")
         speculative = None if str(speculative).strip().lower() == "auto" else _flag(speculative, "speculative")
         if agent is not None:
             if weights is not None:
@@ -127,6 +137,9 @@ class RLAELM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.members[0].device
         self.decisions = Recorder(self.engine, [member.name for member in self.members])
+        self.calibrator = (
+            Calibrator(self.engine, calibrate, calibrate_include, self.batch_size, self.max_gen_toks) if calibrate else None
+        )
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
@@ -173,6 +186,32 @@ class RLAELM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         _check_text_only(requests)
         self.decisions.start(requests)
+        return self._per_task(requests, self._generate_until, disable_tqdm)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        _check_text_only(requests)
+        self.decisions.start(requests)
+        return self._per_task(requests, self._loglikelihood, disable_tqdm)
+
+    def _per_task(self, requests, run, disable_tqdm: bool) -> list:
+        """`run` over the requests; with `calibrate`, task by task, each under the policy chosen for it."""
+        if self.calibrator is None:
+            return run(requests, disable_tqdm)
+        by_task: dict[str | None, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            by_task[request.task_name].append(i)
+        results: list = [None] * len(requests)
+        try:
+            for task, indices in by_task.items():
+                group = [requests[i] for i in indices]
+                self.engine.use(self.calibrator.policy_for(task, group))
+                for i, answer in zip(indices, run(group, disable_tqdm)):
+                    results[i] = answer
+        finally:
+            self.engine.use(self.calibrator.policy)
+        return results
+
+    def _generate_until(self, requests, disable_tqdm: bool) -> list[str]:
         collator = Collator(
             requests,
             sort_fn=lambda request: (-len(request.args[0]), request.args[0]),
@@ -193,11 +232,9 @@ class RLAELM(LM):
                     bar.update(1)
         return collator.get_original(results)
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def _loglikelihood(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
         """Batches are `batch_size` distinct contexts, longest first, each with all its
         continuations, so each member reads a shared context (a question's choices) once."""
-        _check_text_only(requests)
-        self.decisions.start(requests)
         by_context: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_context[request.args[0]].append(i)

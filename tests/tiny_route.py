@@ -9,7 +9,8 @@ the gold answer is that member's. So each member alone is right on its kind and 
 a fixed weighting cannot be right on all, and an agent that reads the input can.
 
 ``write_route_tasks(root, members)`` writes ``route_mc`` and ``route_gen`` (YAML + JSONL with
-train / validation / test splits) and returns ``root``.
+train / validation / test splits), and ``route_mc_<kind>`` (the documents of one kind: a task on which
+one member alone is always right), and returns ``root``.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def write_route_tasks(root: str | Path, members: list[str], n_mc: int = 600, n_g
         if all(answers) and _right_alone(answers, right):
             gen.append({"kind": KINDS[right], "prompt": prompt, "answer": answers[right]})
 
-    for name, docs, template in (("route_mc", mc, _MC_YAML), ("route_gen", gen, _GEN_YAML)):
+    by_kind = [(f"route_mc_{kind}", [doc for doc in mc if doc["kind"] == kind], _MC_YAML.replace("route_mc", f"route_mc_{kind}")) for kind in KINDS[:n]]
+    for name, docs, template in (("route_mc", mc, _MC_YAML), ("route_gen", gen, _GEN_YAML), *by_kind):
         for split, part in _split(docs).items():
             with open(root / f"{name}.{split}.jsonl", "w") as f:
                 for i, doc in enumerate(part):

@@ -27,6 +27,7 @@ class CompareConfig:
     agents: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> shipped agent or directory
     perplexity_temperature: float = 1.0
     gate: float | None = None  # also uniform weights under this confidence gate (e.g. 0.9): what the speed-up costs
+    calibrate: int = 0  # also uniform and each agent with calibrate=K (K labelled documents per task, not of the split compared)
     batch_size: int = 16
     device: str | None = None
     output: str | None = None  # default: results/compare/<config name>
@@ -54,6 +55,8 @@ def methods(config: CompareConfig) -> dict[str, tuple[str, str]]:
         out["best fixed"] = ("rlae", f"{members},weights=[{','.join(f'{w:g}' for w in fixed)}]")
     for label, agent in config.agents.items():
         out[label] = ("rlae", f"{members},agent={agent}")
+    for label in ["uniform", *config.agents] if config.calibrate else []:
+        out[f"{label}, calibrated"] = ("rlae", f"{out[label][1]},calibrate={config.calibrate}")
     return out
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_eval_rlae.calibration import choose
 from lm_eval_rlae.compare.stats import paired_interval
 from trainer.agents.agent_table import method_scores, table
 from trainer.agents.fixed_weights import best_on
@@ -50,14 +51,34 @@ def train_fold(config: TrainConfig) -> Path:
     return (out if done else train(config)) / "best"
 
 
-def evaluate_fold(config: TrainConfig, k: int, fixed: list[float], agents: dict[str, Path], reuse: Path) -> dict:
-    """{method: {task: {doc: score}}} on the test split of fold k's held-out tasks."""
+def evaluate_fold(config: TrainConfig, k: int, fixed: list[float], agents: dict[str, Path], reuse: Path, calibrate: int = 0) -> dict:
+    """{method: {task: {doc: score}}} on the test split of fold k's held-out tasks. With `calibrate` K,
+    also uniform and each agent as `calibrate=K` runs them: per task, the method or a member alone,
+    whichever scores best on the task's first K validation documents."""
     from trainer.agents.run import Run
 
     held_out = config.folds[k]
-    test = dataclasses.replace(config, tasks={t: config.tasks[t] for t in held_out}, holdout=[], folds=[], fold=None)
-    scores, _ = method_scores(Run(test, splits=("test",)), fixed, {label: str(path) for label, path in agents.items()}, reuse=reuse)
+    test = dataclasses.replace(config, tasks={t: config.tasks[t] for t in held_out}, holdout=[], folds=[], fold=None, val_docs=calibrate or config.val_docs)
+    run = Run(test, splits=("validation", "test") if calibrate else ("test",))
+    agents = {label: str(path) for label, path in agents.items()}
+    scores, _ = method_scores(run, fixed, agents, reuse=reuse)
+    if calibrate:
+        validation, _ = method_scores(run, fixed, agents, split="validation", reuse=reuse / "validation")
+        scores |= calibrated(validation, scores, ["uniform", *agents])
     return scores
+
+
+def calibrated(validation: dict, test: dict, labels: list[str]) -> dict:
+    """{"<label>, calibrated": {task: test scores}}: per task, the test scores of the candidate (the method
+    `label` or a member alone) best on the validation documents, as `calibrate=K` chooses at run time."""
+    alone = [label for label in test if label.endswith(" alone")]
+    out = {}
+    for label in labels:
+        out[f"{label}, calibrated"] = {}
+        for task in test[label]:
+            means = {candidate: float(np.mean(list(validation[candidate][task].values()))) for candidate in [label, *alone]}
+            out[f"{label}, calibrated"][task] = test[choose(means, keep=label)][task]
+    return out
 
 
 def pooled(per_fold: list[dict], folds: list[list[str]], seed: int = 0) -> tuple[str, dict]:
@@ -136,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed", type=Path, default=None, help="rlae-best-fixed's search over every task (default runs/<config name>-fixed/best_fixed.json)")
     parser.add_argument("--runs", type=Path, default=None, help="where the fold agents train (default runs/<config name>-folds)")
     parser.add_argument("--output", type=Path, default=None, help="default results/folds/<config name>")
+    parser.add_argument("--calibrate", type=int, default=0, help="also uniform and each agent with calibrate=K: K validation documents per held-out task (default: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, {"test_docs": args.test_docs})
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = best_on(search, [t for t in config.tasks if t not in held_out])
         print(f"fold {k}: holds out {held_out}; best fixed weights on the other tasks' validation: {fixed}", flush=True)
         agents = {LABELS[a]: train_fold(fold_config(config, k, a, runs)) for a in args.algorithms.split(",")}
-        per_fold.append(evaluate_fold(config, k, fixed, agents, output / f"fold{k}"))
+        per_fold.append(evaluate_fold(config, k, fixed, agents, output / f"fold{k}", args.calibrate))
     markdown, summary = pooled(per_fold, config.folds)
     summary |= {"members": list(config.members), "config": str(args.config)}
     markdown += (

@@ -10,10 +10,8 @@ shares of the training episodes, and the split each reads for training, validati
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import itertools
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 from lm_eval.models.utils import postprocess_generated_text
 
+from lm_eval_rlae.calibration import document_metric, fingerprint
 from lm_eval_rlae.engine.fusion import Decoding
 from lm_eval_rlae.offline.data import TASK_CONFIGS
 
@@ -114,14 +113,7 @@ class TaskData:
     def reward(self, document: Document, responses: list) -> float:
         if self.kind == "generate_until":  # as RLAELM.generate_until hands texts to the harness
             responses = [postprocess_generated_text(text, self.decoding.until, None) for text in responses]
-        instances = []
-        for request, response in zip(document.requests, responses, strict=True):
-            instance = copy.copy(request)
-            instance.resps, instance.filtered_resps = [response], {}
-            instances.append(instance)
-        self.filter.apply(instances)
-        metrics = self.task.process_results(document.doc, [instance.filtered_resps[self.filter_name] for instance in instances])
-        return float(metrics[self.metric])
+        return document_metric(self.task, self.filter, self.metric, document.doc, document.requests, responses)
 
 
 def read_split(task, name: str, split: str) -> SplitRead:
@@ -158,14 +150,10 @@ def _indexed(task, read: SplitRead) -> list[tuple[int, dict]]:
 
 def _without(task, read: SplitRead, other: SplitRead) -> SplitRead:
     """`read` less its documents equal to one of `other` (exact duplicates: MMLU has a few)."""
-    seen = {_fingerprint(doc) for _, doc in _indexed(task, other)}
+    seen = {fingerprint(doc) for _, doc in _indexed(task, other)}
     docs = _indexed(task, read)
-    kept = [i for i, doc in docs if _fingerprint(doc) not in seen]
+    kept = [i for i, doc in docs if fingerprint(doc) not in seen]
     return read if len(kept) == len(docs) else SplitRead(f"{read.name} minus {other.name}", read.split, kept)
-
-
-def _fingerprint(doc: dict) -> str:
-    return json.dumps(doc, sort_keys=True, default=str)
 
 
 ROLES = ("train", "validation", "test")  # what a split serves: training, selection, the final table

@@ -1,0 +1,104 @@
+"""`calibrate=K`: per task, the configured weights or each member alone, chosen on K labelled documents
+the evaluation does not read.
+
+On `route_mc_sum` the first tiny member alone is right on every document and the second is wrong, on
+`route_mc_story` the other way round (tests/tiny_route.py), so uniform weights are right on some of
+each and calibration must find the member of each task."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import tiny_route
+
+TASKS = ["route_mc_sum", "route_mc_story"]
+
+
+@pytest.fixture(scope="module")
+def route_tasks(tmp_path_factory, bpe_member, sp_member) -> str:
+    return tiny_route.write_route_tasks(tmp_path_factory.mktemp("route"), [bpe_member, sp_member])
+
+
+def _evaluate(lm, tasks: list[str], include_path: str) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path, include_defaults=False)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, batch_size=8)["results"]
+
+
+def test_calibration_runs_each_task_with_the_member_right_on_it(bpe_member, sp_member, route_tasks):
+    from lm_eval_rlae.lm import RLAELM
+
+    plain = _evaluate(RLAELM(members=[bpe_member, sp_member], batch_size=8), TASKS, route_tasks)
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=6, calibrate_include=route_tasks)
+    calibrated = _evaluate(lm, TASKS, route_tasks)
+
+    sum_task, story_task = (lm.calibrator.calibrations[task] for task in TASKS)
+    assert (sum_task.chosen, story_task.chosen) == (f"{bpe_member} alone", f"{sp_member} alone")
+    for calibration in (sum_task, story_task):
+        assert (calibration.split, calibration.documents, calibration.metric) == ("validation", 6, "acc")
+        assert calibration.scores[calibration.chosen] == 1.0  # the member of the task is right on all 6
+    assert sum_task.scores[f"{sp_member} alone"] == 0.0 and story_task.scores[f"{bpe_member} alone"] == 0.0
+    for task in TASKS:
+        assert calibrated[task]["acc,none"] == 1.0
+    assert min(plain[task]["acc,none"] for task in TASKS) < 1.0  # uniform weights alone are not enough
+    assert lm.engine.policy is lm.calibrator.policy  # the configured weights are back after each task
+
+
+def test_calibration_never_reads_a_document_being_evaluated(bpe_member, sp_member, route_tasks, tmp_path):
+    """A task whose validation split holds its test documents: calibration takes its training split."""
+    from lm_eval_rlae.lm import RLAELM
+
+    root = Path(tmp_path)
+    yaml = Path(route_tasks, "route_mc_sum.yaml").read_text().replace("route_mc_sum.validation.jsonl", "route_mc_sum.test.jsonl")
+    (root / "leaky.yaml").write_text(yaml.replace("task: route_mc_sum", "task: route_mc_leaky"))
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4, calibrate_include=str(root))
+    _evaluate(lm, ["route_mc_leaky"], str(root))
+    calibration = lm.calibrator.calibrations["route_mc_leaky"]
+    assert (calibration.split, calibration.documents) == ("train", 4)
+    assert calibration.scores[f"{bpe_member} alone"] == 1.0 and calibration.scores[f"{sp_member} alone"] == 0.0
+
+    # with no labelled documents outside the evaluated ones, the configured policy is kept, with the reason
+    (root / "only_test.yaml").write_text(
+        yaml.replace("task: route_mc_sum", "task: route_mc_only_test").replace("route_mc_sum.train.jsonl", "route_mc_sum.test.jsonl")
+    )
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4, calibrate_include=str(root))
+    _evaluate(lm, ["route_mc_only_test"], str(root))
+    calibration = lm.calibrator.calibrations["route_mc_only_test"]
+    assert calibration.chosen == "policy" and "no labelled split" in calibration.reason and not calibration.scores
+
+
+def test_calibration_of_a_task_the_harness_cannot_load_keeps_the_policy(bpe_member, sp_member, route_tasks, tmp_path):
+    from lm_eval_rlae.lm import RLAELM
+
+    shutil.copytree(route_tasks, tmp_path / "elsewhere")
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4)  # no calibrate_include
+    _evaluate(lm, ["route_mc_sum"], str(tmp_path / "elsewhere"))
+    calibration = lm.calibrator.calibrations["route_mc_sum"]
+    assert calibration.chosen == "policy" and "calibrate_include" in calibration.reason
+
+
+def test_bad_calibrate_is_refused_before_any_model_loads():
+    from lm_eval_rlae.lm import RLAELM
+
+    with pytest.raises(ValueError, match="calibrate=-1"):
+        RLAELM(members=["no-such-model-anywhere", "another"], calibrate=-1)
+
+
+def test_rlae_folds_calibrates_as_the_runtime_does():
+    """`rlae-folds --calibrate K` reads the choice off cached validation scores with the runtime's rule:
+    the best on validation, the method itself on a tie."""
+    from trainer.agents.folds import calibrated
+
+    validation = {
+        "a alone": {"t1": {"x": 1.0, "y": 1.0}, "t2": {"x": 0.0, "y": 1.0}},
+        "b alone": {"t1": {"x": 0.0, "y": 0.0}, "t2": {"x": 0.0, "y": 0.0}},
+        "RLAE_PPO": {"t1": {"x": 1.0, "y": 0.0}, "t2": {"x": 1.0, "y": 0.0}},
+    }
+    test = {label: {t: {"z": float(i)} for t in ("t1", "t2")} for i, label in enumerate(validation)}
+    out = calibrated(validation, test, ["RLAE_PPO"])
+    assert out == {"RLAE_PPO, calibrated": {"t1": test["a alone"]["t1"], "t2": test["RLAE_PPO"]["t2"]}}
