@@ -27,7 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
-from lm_eval_rlae.calibration import Calibrator
+from lm_eval_rlae.calibration import DEFAULT_DOCUMENTS, Calibrator
 from lm_eval_rlae.decisions import Recorder
 from lm_eval_rlae.engine.chat import encode_chat
 from lm_eval_rlae.engine.fusion import Decoding, FusionEngine, check_gate
@@ -60,7 +60,9 @@ class RLAELM(LM):
                   agent's own, else 4)
     calibrate:    K: per task, try the weights (or agent) and each member alone on K labelled
                   documents of the task that are not evaluated, and run the task with the best;
-                  0 (default): off. `calibrate_include=DIR` finds tasks of an `--include_path` of your own
+                  0: off; `auto` (default): 16 with an agent (so that on a task it never saw it
+                  does no worse than the better member), off with fixed weights.
+                  `calibrate_include=DIR`: where to find tasks when the model is used outside the harness
     device/dtype: defaults for every member; `devices=[..]` / `dtypes=[..]` set them per member
                   (under `accelerate launch` on several processes, each process's own device)
     trust_remote_code: off unless asked, for every member
@@ -84,7 +86,7 @@ class RLAELM(LM):
         seed: int = 1234,
         gate: float | None = None,
         speculative: bool | str = "auto",
-        calibrate: int = 0,
+        calibrate: int | str = "auto",
         calibrate_include: str | None = None,
     ):
         super().__init__()
@@ -121,7 +123,7 @@ class RLAELM(LM):
         ]
         # arguments and the agent's checkpoint are checked before loading any model
         gate = check_gate(gate)
-        calibrate = int(calibrate or 0)
+        calibrate = (DEFAULT_DOCUMENTS if agent is not None else 0) if str(calibrate).strip().lower() == "auto" else int(calibrate or 0)
         if calibrate < 0:
             raise ValueError(f"calibrate={calibrate}: give the number of labelled documents each task is calibrated on, or 0 (off)")
         speculative = None if str(speculative).strip().lower() == "auto" else _flag(speculative, "speculative")

@@ -110,7 +110,7 @@ def test_table_env_is_the_harness(trained, tmp_path, route_tasks, bpe_member, sp
     table, _ = method_scores(run, [0.3, 0.7], {"agent": agent})
     manager = TaskManager(include_path=route_tasks, include_defaults=False)
     members = f"members=[{bpe_member},{sp_member}]"
-    for label, args in {f"{sp_member} alone": "weights=[0,1]", "best fixed": "weights=[0.3,0.7]", "agent": f"agent={agent}"}.items():
+    for label, args in {f"{sp_member} alone": "weights=[0,1]", "best fixed": "weights=[0.3,0.7]", "agent": f"agent={agent},calibrate=0"}.items():
         out = lm_eval.simple_evaluate(model="rlae", model_args=f"{members},{args}", tasks=["route_mc", "route_gen"], task_manager=manager, batch_size=16, log_samples=True)
         for task, metric in (("route_mc", "acc"), ("route_gen", "exact_match")):
             harness = {f"{task}/{sample['doc_id']}": float(sample[metric]) for sample in out["samples"][task]}
@@ -127,11 +127,12 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
     config = CompareConfig(
         members=[bpe_member, sp_member], tasks=["route_mc", "route_gen"], limit=24, include_path=route_tasks, best_fixed=[0.3, 0.7], gate=0.9,
         agents={"RLAE_PPO": str(trained["ppo"] / "best"), "RLAE_MAPPO": str(trained["mappo"] / "best")}, device="cpu", output=str(tmp_path / "compare"),
+        calibrate=4,
     )
     out = compare(config)
     summary = json.loads((out / "table.json").read_text())
     labels = [f"{Path(bpe_member).name} alone", f"{Path(sp_member).name} alone", "uniform", "uniform, gate=0.9", "perplexity", "best fixed",
-              "RLAE_PPO", "RLAE_MAPPO", "oracle routing", "per-document oracle"]
+              "RLAE_PPO", "RLAE_MAPPO", "uniform, calibrated", "RLAE_PPO, calibrated", "RLAE_MAPPO, calibrated", "oracle routing", "per-document oracle"]
     assert list(summary["overall"]) == labels
     assert all(summary["tasks"][t][label]["n"] == 24 for t in config.tasks for label in labels)
     overall = {label: summary["overall"][label]["acc"] for label in labels}
@@ -139,7 +140,8 @@ def test_compare_runs_every_method_through_the_harness_and_reuses_finished_runs(
     for agent in ("RLAE_PPO", "RLAE_MAPPO"):  # the agents learned these tasks (test_agent_beats_uniform_on_held_out_documents)
         diff, low, _ = summary["paired"][agent]["uniform"]
         assert diff > 0.1 and low > 0, (agent, summary["paired"][agent])
-    for label in labels[:8]:
+    assert summary["methods"]["RLAE_PPO"][1].endswith(",calibrate=0") and summary["methods"]["RLAE_PPO, calibrated"][1].endswith(",calibrate=4")
+    for label in labels[:11]:
         cost = summary["cost"][label]
         assert cost["generate_until"]["requests"] == 24 and cost["generated_tokens"] > 0 and cost["peak_rss_gib"] > 0.1
         assert cost["loglikelihood"]["requests"] > 24  # every choice of every document

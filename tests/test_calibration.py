@@ -7,7 +7,6 @@ each and calibration must find the member of each task."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -72,13 +71,39 @@ def test_calibration_never_reads_a_document_being_evaluated(bpe_member, sp_membe
     assert calibration.chosen == "policy" and "no labelled split" in calibration.reason and not calibration.scores
 
 
-def test_calibration_of_a_task_the_harness_cannot_load_keeps_the_policy(bpe_member, sp_member, route_tasks, tmp_path):
+def test_calibration_builds_its_documents_as_the_run_does(bpe_member, sp_member, route_tasks):
+    """The run's own task and prompt options (here a system instruction): calibration needs no
+    calibrate_include for a task of the run's --include_path, and its contexts read as the run's."""
     from lm_eval_rlae.lm import RLAELM
 
-    shutil.copytree(route_tasks, tmp_path / "elsewhere")
-    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4)  # no calibrate_include
-    _evaluate(lm, ["route_mc_sum"], str(tmp_path / "elsewhere"))
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4)
+    seen = []
+    score = lm.engine.score
+    lm.engine.score = lambda requests: seen.extend(requests) or score(requests)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm_eval.simple_evaluate(model=lm, tasks=["route_mc_sum"], task_manager=TaskManager(include_path=route_tasks, include_defaults=False),
+                            system_instruction="Answer briefly.", limit=2)
     calibration = lm.calibrator.calibrations["route_mc_sum"]
+    assert (calibration.split, calibration.documents) == ("validation", 4) and calibration.reason is None
+    assert seen and all(context.startswith("Answer briefly.") for context, _ in seen)
+
+
+def test_calibration_outside_the_harness_loads_the_task_by_name_or_keeps_the_policy(bpe_member, sp_member, route_tasks):
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_rlae.lm import RLAELM
+
+    def requests(task):
+        doc = {"prompt": "Q: 1+1=\nA:", "choices": [" 2", " 3"], "label": 0}
+        return [Instance("loglikelihood", doc, ("Q: 1+1=\nA:", choice), i, metadata=(task, 0, 1)) for i, choice in enumerate(doc["choices"])]
+
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=4, calibrate_include=route_tasks)
+    assert len(lm.loglikelihood(requests("route_mc_story"))) == 2
+    assert lm.calibrator.calibrations["route_mc_story"].chosen == f"{sp_member} alone"
+    assert len(lm.loglikelihood(requests("no_such_task_anywhere"))) == 2
+    calibration = lm.calibrator.calibrations["no_such_task_anywhere"]
     assert calibration.chosen == "policy" and "calibrate_include" in calibration.reason
 
 
@@ -89,15 +114,27 @@ def test_bad_calibrate_is_refused_before_any_model_loads():
         RLAELM(members=["no-such-model-anywhere", "another"], calibrate=-1)
 
 
+def test_a_member_replaces_the_policy_only_with_evidence():
+    from lm_eval_rlae.calibration import choose
+
+    policy = [1.0] * 4 + [0.0] * 12
+    clearly = [1.0] * 9 + [0.0] * 7  # right on 5 more, wrong on none more: sign test p = 1/32
+    barely = [0.0] * 2 + [1.0] * 4 + [0.0] * 10  # as often right, on other documents: 2 wins, 2 losses, p = 0.69
+    assert choose({"policy": policy, "a": clearly, "b": barely}, "policy") == "a"
+    assert choose({"policy": policy, "b": barely}, "policy") == "policy"
+    assert choose({"policy": policy, "a": clearly, "c": [1.0] * 10 + [0.0] * 6}, "policy") == "c"  # of those with evidence, the best
+    assert choose({"policy": [1.0] * 16, "a": policy}, "policy", higher_is_better=False) == "a"  # an error rate: lower is better
+
+
 def test_rlae_folds_calibrates_as_the_runtime_does():
-    """`rlae-folds --calibrate K` reads the choice off cached validation scores with the runtime's rule:
-    the best on validation, the method itself on a tie."""
+    """`rlae-folds --calibrate K` reads the choice off cached validation scores with the runtime's rule."""
     from trainer.agents.folds import calibrated
 
+    docs = [f"d{i}" for i in range(8)]
     validation = {
-        "a alone": {"t1": {"x": 1.0, "y": 1.0}, "t2": {"x": 0.0, "y": 1.0}},
-        "b alone": {"t1": {"x": 0.0, "y": 0.0}, "t2": {"x": 0.0, "y": 0.0}},
-        "RLAE_PPO": {"t1": {"x": 1.0, "y": 0.0}, "t2": {"x": 1.0, "y": 0.0}},
+        "a alone": {"t1": dict.fromkeys(docs, 1.0), "t2": dict(zip(docs, [1.0, 0.0] * 4))},
+        "b alone": {"t1": dict.fromkeys(docs, 0.0), "t2": dict.fromkeys(docs, 0.0)},
+        "RLAE_PPO": {"t1": dict.fromkeys(docs, 0.0), "t2": dict(zip(docs, [0.0, 1.0] * 4))},
     }
     test = {label: {t: {"z": float(i)} for t in ("t1", "t2")} for i, label in enumerate(validation)}
     out = calibrated(validation, test, ["RLAE_PPO"])

@@ -27,7 +27,7 @@ class CompareConfig:
     agents: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> shipped agent or directory
     perplexity_temperature: float = 1.0
     gate: float | None = None  # also uniform weights under this confidence gate (e.g. 0.9): what the speed-up costs
-    calibrate: int = 0  # also uniform and each agent with calibrate=K (K labelled documents per task, not of the split compared)
+    calibrate: int = 0  # also uniform and each agent with calibrate=K (K labelled documents per task, not of the split compared); agents alone run with calibrate=0
     batch_size: int = 16
     device: str | None = None
     output: str | None = None  # default: results/compare/<config name>
@@ -54,9 +54,9 @@ def methods(config: CompareConfig) -> dict[str, tuple[str, str]]:
     if (fixed := config.best_fixed_weights()) is not None:
         out["best fixed"] = ("rlae", f"{members},weights=[{','.join(f'{w:g}' for w in fixed)}]")
     for label, agent in config.agents.items():
-        out[label] = ("rlae", f"{members},agent={agent}")
+        out[label] = ("rlae", f"{members},agent={agent},calibrate=0")  # the agent's own weights on every task
     for label in ["uniform", *config.agents] if config.calibrate else []:
-        out[f"{label}, calibrated"] = ("rlae", f"{out[label][1]},calibrate={config.calibrate}")
+        out[f"{label}, calibrated"] = ("rlae", out[label][1].replace(",calibrate=0", "") + f",calibrate={config.calibrate}")
     return out
 
 

@@ -204,7 +204,7 @@ def report(config, runs, labels: list[str], output: Path) -> dict:
             "peak_rss_gib": max(p["peak_rss_gib"] for p in parts),
             "peak_gpu_gib": max((p["peak_gpu_gib"] for p in parts if p["peak_gpu_gib"] is not None), default=None),
         }
-        if "agent=" in plan[label][1]:
+        if "agent=" in plan[label][1] and ",calibrate=0" in plan[label][1]:  # an agent's own weights (calibrated: partly members alone)
             decisions[label] = {t: per_document(read_decisions(runs.path(label, t).parent / s["run"], t)) for t, s in saved.items()}
             if not any(decisions[label].values()):
                 print(f"{label}: its harness runs wrote no decisions files (made before lm-eval-rlae wrote them?): no weight plot; "

@@ -70,14 +70,15 @@ def evaluate_fold(config: TrainConfig, k: int, fixed: list[float], agents: dict[
 
 def calibrated(validation: dict, test: dict, labels: list[str]) -> dict:
     """{"<label>, calibrated": {task: test scores}}: per task, the test scores of the candidate (the method
-    `label` or a member alone) best on the validation documents, as `calibrate=K` chooses at run time."""
+    `label` or a member alone) that `calibrate=K` chooses at run time from the validation documents."""
     alone = [label for label in test if label.endswith(" alone")]
     out = {}
     for label in labels:
         out[f"{label}, calibrated"] = {}
         for task in test[label]:
-            means = {candidate: float(np.mean(list(validation[candidate][task].values()))) for candidate in [label, *alone]}
-            out[f"{label}, calibrated"][task] = test[choose(means, keep=label)][task]
+            documents = list(validation[label][task])
+            per_document = {candidate: [validation[candidate][task][d] for d in documents] for candidate in [label, *alone]}
+            out[f"{label}, calibrated"][task] = test[choose(per_document, keep=label)][task]
     return out
 
 
