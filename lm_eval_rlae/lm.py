@@ -123,9 +123,7 @@ class RLAELM(LM):
         ]
         # arguments and the agent's checkpoint are checked before loading any model
         gate = check_gate(gate)
-        calibrate = (DEFAULT_DOCUMENTS if agent is not None else 0) if str(calibrate).strip().lower() == "auto" else int(calibrate or 0)
-        if calibrate < 0:
-            raise ValueError(f"calibrate={calibrate}: give the number of labelled documents each task is calibrated on, or 0 (off)")
+        calibrate = _calibration_documents(calibrate, agent is not None)
         speculative = None if str(speculative).strip().lower() == "auto" else _flag(speculative, "speculative")
         if agent is not None:
             if weights is not None:
@@ -300,6 +298,19 @@ def _flag(value, name: str) -> bool:
     if text not in ("true", "false", "1", "0"):
         raise ValueError(f"{name}={value!r}: give true or false{' (or auto)' if name == 'speculative' else ''}")
     return text in ("true", "1")
+
+
+def _calibration_documents(value, with_agent: bool) -> int:
+    """`calibrate`: a number of documents, 0 (off) or `auto` (DEFAULT_DOCUMENTS with an agent, else off)."""
+    if str(value).strip().lower() == "auto":
+        return DEFAULT_DOCUMENTS if with_agent else 0
+    try:
+        documents = int(value or 0)
+    except ValueError:
+        documents = -1
+    if documents < 0:
+        raise ValueError(f"calibrate={value}: give the number of labelled documents each task is calibrated on (e.g. 16), 0 (off) or auto")
+    return documents
 
 
 def _batch_size(batch_size, max_batch_size: int) -> int:

@@ -110,8 +110,9 @@ def test_calibration_outside_the_harness_loads_the_task_by_name_or_keeps_the_pol
 def test_bad_calibrate_is_refused_before_any_model_loads():
     from lm_eval_rlae.lm import RLAELM
 
-    with pytest.raises(ValueError, match="calibrate=-1"):
-        RLAELM(members=["no-such-model-anywhere", "another"], calibrate=-1)
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match=f"calibrate={bad}: give the number of labelled documents"):
+            RLAELM(members=["no-such-model-anywhere", "another"], calibrate=bad)
 
 
 def test_a_member_replaces_the_policy_only_with_evidence():
@@ -137,5 +138,5 @@ def test_rlae_folds_calibrates_as_the_runtime_does():
         "RLAE_PPO": {"t1": dict.fromkeys(docs, 0.0), "t2": dict(zip(docs, [0.0, 1.0] * 4))},
     }
     test = {label: {t: {"z": float(i)} for t in ("t1", "t2")} for i, label in enumerate(validation)}
-    out = calibrated(validation, test, ["RLAE_PPO"])
+    out = calibrated(validation, test, ["RLAE_PPO"], documents=8)
     assert out == {"RLAE_PPO, calibrated": {"t1": test["a alone"]["t1"], "t2": test["RLAE_PPO"]["t2"]}}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_eval_rlae.calibration import choose
+from lm_eval_rlae.calibration import choose, sample
 from lm_eval_rlae.compare.stats import paired_interval
 from trainer.agents.agent_table import method_scores, table
 from trainer.agents.fixed_weights import best_on
@@ -53,31 +53,32 @@ def train_fold(config: TrainConfig) -> Path:
 
 def evaluate_fold(config: TrainConfig, k: int, fixed: list[float], agents: dict[str, Path], reuse: Path, calibrate: int = 0) -> dict:
     """{method: {task: {doc: score}}} on the test split of fold k's held-out tasks. With `calibrate` K,
-    also uniform and each agent as `calibrate=K` runs them: per task, the method or a member alone,
-    whichever scores best on the task's first K validation documents."""
+    also uniform and each agent as `calibrate=K` runs them: per task, the method or a member alone, chosen
+    on K documents drawn as the runtime draws them, from the first `val_docs` of the task's validation."""
     from trainer.agents.run import Run
 
     held_out = config.folds[k]
-    test = dataclasses.replace(config, tasks={t: config.tasks[t] for t in held_out}, holdout=[], folds=[], fold=None, val_docs=calibrate or config.val_docs)
+    test = dataclasses.replace(config, tasks={t: config.tasks[t] for t in held_out}, holdout=[], folds=[], fold=None)
     run = Run(test, splits=("validation", "test") if calibrate else ("test",))
     agents = {label: str(path) for label, path in agents.items()}
     scores, _ = method_scores(run, fixed, agents, reuse=reuse)
     if calibrate:
         validation, _ = method_scores(run, fixed, agents, split="validation", reuse=reuse / "validation")
-        scores |= calibrated(validation, scores, ["uniform", *agents])
+        scores |= calibrated(validation, scores, ["uniform", *agents], calibrate)
     return scores
 
 
-def calibrated(validation: dict, test: dict, labels: list[str]) -> dict:
+def calibrated(validation: dict, test: dict, labels: list[str], documents: int) -> dict:
     """{"<label>, calibrated": {task: test scores}}: per task, the test scores of the candidate (the method
-    `label` or a member alone) that `calibrate=K` chooses at run time from the validation documents."""
+    `label` or a member alone) that `calibrate=documents` chooses at run time, from validation scores."""
     alone = [label for label in test if label.endswith(" alone")]
     out = {}
     for label in labels:
         out[f"{label}, calibrated"] = {}
         for task in test[label]:
-            documents = list(validation[label][task])
-            per_document = {candidate: [validation[candidate][task][d] for d in documents] for candidate in [label, *alone]}
+            keys = list(validation[label][task])
+            keys = [keys[i] for i in sample(len(keys), documents)]
+            per_document = {candidate: [validation[candidate][task][key] for key in keys] for candidate in [label, *alone]}
             out[f"{label}, calibrated"][task] = test[choose(per_document, keep=label)][task]
     return out
 
