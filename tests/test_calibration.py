@@ -33,14 +33,15 @@ def test_calibration_runs_each_task_with_the_member_right_on_it(bpe_member, sp_m
     from lm_eval_rlae.lm import RLAELM
 
     plain = _evaluate(RLAELM(members=[bpe_member, sp_member], batch_size=8), TASKS, route_tasks)
-    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=6, calibrate_include=route_tasks)
+    lm = RLAELM(members=[bpe_member, sp_member], batch_size=8, calibrate=100, calibrate_include=route_tasks)  # every validation document
     calibrated = _evaluate(lm, TASKS, route_tasks)
 
     sum_task, story_task = (lm.calibrator.calibrations[task] for task in TASKS)
     assert (sum_task.chosen, story_task.chosen) == (f"{bpe_member} alone", f"{sp_member} alone")
-    for calibration in (sum_task, story_task):
-        assert (calibration.split, calibration.documents, calibration.metric) == ("validation", 6, "acc")
-        assert calibration.scores[calibration.chosen] == 1.0  # the member of the task is right on all 6
+    for task, calibration in zip(TASKS, (sum_task, story_task)):
+        validation = len(Path(route_tasks, f"{task}.validation.jsonl").read_text().splitlines())
+        assert (calibration.split, calibration.documents, calibration.metric) == ("validation", validation, "acc")
+        assert calibration.scores[calibration.chosen] == 1.0  # the member of the task is right on all of them
     assert sum_task.scores[f"{sp_member} alone"] == 0.0 and story_task.scores[f"{bpe_member} alone"] == 0.0
     for task in TASKS:
         assert calibrated[task]["acc,none"] == 1.0
