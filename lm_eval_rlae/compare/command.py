@@ -71,8 +71,6 @@ class Runs:
         harness_out = method_dir / f"harness-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # another rlae-compare may start this second
         harness_out.mkdir(parents=True, exist_ok=True)
         include = c.include_path or str(task_configs(c.split, self.root))
-        if ",calibrate=" in model_args:  # calibration reads the tasks as this run does
-            model_args += f",calibrate_include={include}"
         count_with = resolve_preset(c.members[0]) or c.members[0]  # generated tokens in the first member's tokens
         cmd = [sys.executable, "-m", "lm_eval_rlae.compare.worker", str(harness_out / "cost.json"), str(count_with),
                "run", "--model", model, "--model_args", model_args, "--tasks", ",".join(tasks), "--include_path", include,
