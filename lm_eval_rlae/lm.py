@@ -13,8 +13,9 @@ its share of the documents (`rank`, `world_size`) and gathers their results. CPU
 (gloo), unlike hf, which splits documents only over several GPUs.
 
 With `--log_samples`, the weights an agent or `weights=perplexity` chose for every request are written
-beside the samples (`decisions.py`). With `calibrate=K`, each task first tries its weights and each
-member alone on K labelled documents the evaluation does not read, and runs with the best (`calibration.py`).
+beside the samples (`decisions.py`). With `calibrate=K` (by default with an agent), each task first tries
+its weights and each member alone on K labelled documents the evaluation does not read, and runs with a
+member alone where that member beats the weights there with evidence (`calibration.py`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class RLAELM(LM):
     span_length:  union tokens generated between two calls of the weight policy (default: the
                   agent's own, else 4)
     calibrate:    K: per task, try the weights (or agent) and each member alone on K labelled
-                  documents of the task that are not evaluated, and run the task with the best;
+                  documents of the task that are not evaluated, and run the task with a member
+                  alone where it beats the weights there with evidence (a sign test, p < 0.1);
                   0: off; `auto` (default): 16 with an agent (so that on a task it never saw it
                   does no worse than the better member), off with fixed weights.
                   `calibrate_include=DIR`: where to find tasks when the model is used outside the harness

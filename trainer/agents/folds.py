@@ -2,6 +2,7 @@
 
     rlae-folds --config trainer/configs/specialists.yaml [--algorithms ppo,mappo] [--test_docs 100]
                [--fixed runs/specialists-fixed/best_fixed.json] [--output results/folds/specialists]
+               [--calibrate 16]
 
 The config's `folds` split its tasks into disjoint groups. For each fold k, an agent trains on every
 task but folds[k] (`rlae-train --fold k`: the held-out tasks are never sampled, and the best epoch is
@@ -10,6 +11,8 @@ chosen on the other tasks' validation); the best fixed weights of fold k are the
 validation alone. Then fold k's held-out tasks are evaluated on their test split: each member alone,
 uniform, fold k's best fixed weights, fold k's agents, and oracle routing (each task sent to the member
 that is better on it, read off the members alone: what a per-task router would get if it knew).
+With `--calibrate K`, also uniform and each agent as `calibrate=K` runs them (`lm_eval_rlae.calibration`):
+per held-out task, the method or a member alone, chosen on K of its validation documents.
 
 Each task is unseen in exactly one fold (where the folds cover the tasks), so the pooled table has every
 task once, scored by agents that never saw it. Output: `table.md` (per task, per fold and pooled, with
