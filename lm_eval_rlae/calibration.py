@@ -111,10 +111,7 @@ class Calibrator:
         filter_ = task._filters[0]
         task.set_fewshot_seed(seed=self.fewshot_seed)
         task.build_all_requests(samples=indices, **options)
-        by_doc: dict[int, list] = {}
-        for instance in task.instances:
-            by_doc.setdefault(instance.doc_id, []).append(instance)
-        docs = [(doc, sorted(by_doc[doc_id], key=lambda i: i.idx)) for doc_id, doc in task.doc_iterator(samples=indices)]
+        docs = [(doc, instances) for _, doc, instances in documents_with_requests(task, samples=indices)]
         per_document = {}
         try:
             for name, candidate in self.candidates.items():
@@ -182,7 +179,7 @@ _MANAGERS: dict[tuple[str, bool], object] = {}  # (include path, with the harnes
 def install_evaluate_hook() -> None:
     """Wrap `lm_eval.evaluator.evaluate` (once) to note, before it runs, each task it evaluates and the
     prompt options of the run, so that calibration builds its documents as the run builds its own."""
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     evaluate = evaluator.evaluate
     if getattr(evaluate, "notes_rlae_tasks", False):
@@ -248,6 +245,15 @@ def _sign_test(wins: int, losses: int) -> float:
     """P(at least `wins` of `wins + losses` fair coin flips): how likely this many wins are by chance."""
     n = wins + losses
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def documents_with_requests(task, limit: int | None = None, samples: list[int] | None = None) -> list[tuple[int, dict, list]]:
+    """(doc_id, document, its instances in request order) for the documents `build_all_requests` was just
+    given (the same `limit` / `samples`)."""
+    by_doc: dict[int, list] = {}
+    for instance in task.instances:
+        by_doc.setdefault(instance.doc_id, []).append(instance)
+    return [(doc_id, doc, sorted(by_doc[doc_id], key=lambda i: i.idx)) for doc_id, doc in task.doc_iterator(limit=limit, samples=samples)]
 
 
 def document_metric(task, filter_ensemble, metric: str, doc: dict, instances: list, responses: list) -> float:

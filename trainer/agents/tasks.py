@@ -21,7 +21,11 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 from lm_eval.models.utils import postprocess_generated_text
 
-from lm_eval_rlae.calibration import document_metric, fingerprint
+from lm_eval_rlae.calibration import (
+    document_metric,
+    documents_with_requests,
+    fingerprint,
+)
 from lm_eval_rlae.engine.fusion import Decoding
 from lm_eval_rlae.offline.data import TASK_CONFIGS
 
@@ -94,13 +98,7 @@ class TaskData:
         self.filter = filters[self.filter_name]
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
         task.build_all_requests(limit=limit, samples=samples)
-        by_doc: dict[int, list[Instance]] = {}
-        for instance in task.instances:
-            by_doc.setdefault(instance.doc_id, []).append(instance)
-        self.documents = [
-            Document(self, doc_id, doc, sorted(by_doc[doc_id], key=lambda i: i.idx))
-            for doc_id, doc in task.doc_iterator(limit=limit, samples=samples)
-        ]
+        self.documents = [Document(self, doc_id, doc, instances) for doc_id, doc, instances in documents_with_requests(task, limit, samples)]
 
     def __len__(self) -> int:
         return len(self.documents)
