@@ -7,10 +7,10 @@ each and calibration must find the member of each task."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
-
 import tiny_route
 
 TASKS = ["route_mc_sum", "route_mc_story"]
@@ -141,3 +141,14 @@ def test_rlae_folds_calibrates_as_the_runtime_does():
     test = {label: {t: {"z": float(i)} for t in ("t1", "t2")} for i, label in enumerate(validation)}
     out = calibrated(validation, test, ["RLAE_PPO"], documents=8)
     assert out == {"RLAE_PPO, calibrated": {"t1": test["a alone"]["t1"], "t2": test["RLAE_PPO"]["t2"]}}
+
+
+def test_rlae_compare_runs_each_agent_alone_and_calibrated():
+    from lm_eval_rlae.compare.config import CompareConfig, methods
+
+    config = CompareConfig(members=["/m/a", "/m/b"], tasks=["t"], agents={"A": "/agents/a"}, calibrate=8)
+    out = methods(config)
+    assert out["A"] == ("rlae", "members=[/m/a,/m/b],agent=/agents/a,calibrate=0")
+    assert out["A, calibrated"] == ("rlae", "members=[/m/a,/m/b],agent=/agents/a,calibrate=8")
+    assert out["uniform, calibrated"] == ("rlae", "members=[/m/a,/m/b],weights=uniform,calibrate=8")
+    assert not [label for label in methods(dataclasses.replace(config, calibrate=0)) if label.endswith("calibrated")]

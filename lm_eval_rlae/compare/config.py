@@ -53,10 +53,11 @@ def methods(config: CompareConfig) -> dict[str, tuple[str, str]]:
     out["perplexity"] = ("rlae", f"{members},weights=perplexity,perplexity_temperature={config.perplexity_temperature:g}")
     if (fixed := config.best_fixed_weights()) is not None:
         out["best fixed"] = ("rlae", f"{members},weights=[{','.join(f'{w:g}' for w in fixed)}]")
-    for label, agent in config.agents.items():
-        out[label] = ("rlae", f"{members},agent={agent},calibrate=0")  # the agent's own weights on every task
-    for label in ["uniform", *config.agents] if config.calibrate else []:
-        out[f"{label}, calibrated"] = ("rlae", out[label][1].replace(",calibrate=0", "") + f",calibrate={config.calibrate}")
+    agents = {label: f"agent={agent}" for label, agent in config.agents.items()}
+    for label, policy in agents.items():
+        out[label] = ("rlae", f"{members},{policy},calibrate=0")  # the agent's own weights on every task
+    for label, policy in ({"uniform": "weights=uniform"} | agents).items() if config.calibrate else ():
+        out[f"{label}, calibrated"] = ("rlae", f"{members},{policy},calibrate={config.calibrate}")
     return out
 
 
