@@ -67,6 +67,16 @@ agents: setup models data
 	cp -r runs/specialists-ppo/best lm_eval_rlae/agents/rlae-ppo-specialists
 	cp -r runs/specialists-mappo/best lm_eval_rlae/agents/rlae-mappo-specialists
 
+# The agents of the plain pair (README, "The plain pair"), the same recipe on its six tasks: about 25
+# minutes each on 2 CPU cores, after scoring the multiple-choice documents once (about 20 minutes).
+.PHONY: plain-agents
+plain-agents: setup models data
+	$(OFFLINE) $(VENV)/bin/rlae-train --config trainer/configs/plain.yaml --algorithm ppo
+	$(OFFLINE) $(VENV)/bin/rlae-train --config trainer/configs/plain.yaml --algorithm mappo
+	rm -rf lm_eval_rlae/agents/rlae-ppo-plain lm_eval_rlae/agents/rlae-mappo-plain
+	cp -r runs/plain-ppo/best lm_eval_rlae/agents/rlae-ppo-plain
+	cp -r runs/plain-mappo/best lm_eval_rlae/agents/rlae-mappo-plain
+
 # A quarter-step grid (5 points): each point decodes the 210 validation generations (about 8 minutes
 # a point on one shared core); --step 0.1 is the finer search where time allows.
 best-fixed: setup models data

@@ -233,6 +233,18 @@ def test_real_members_together_on_unicode_heavy_text(real_pair, tiny_task_manage
         assert "\n" not in text, (doc_id, text)
 
 
+@pytest.mark.parametrize("agent", ["rlae-ppo-plain", "rlae-mappo-plain"])
+def test_the_plain_pairs_shipped_agents_weigh_the_real_members(real_pair, tiny_task_manager, agent):
+    """An agent shipped for the plain pair binds to these members (their vocabularies and the state
+    layout it was trained on: a rebuilt preset would be refused here) and scores through the harness."""
+    from lm_eval_rlae.policies.agent import AgentPolicy
+
+    real_pair.engine.use(AgentPolicy.load(agent, [SMOL, GEMMA]))
+    got = _unicode_run(tiny_task_manager, real_pair, tasks=["tiny_mc"])
+    scores = [ll for choices in got["tiny_mc"].values() for ll, _ in choices]
+    assert len(got["tiny_mc"]) == len(UNICODE_DOCS["tiny_mc"]) and all(math.isfinite(x) and x <= 0 for x in scores), scores
+
+
 def test_one_hot_weights_on_gemma_equal_gemma_alone_on_unicode_heavy_text(real_pair, member_dirs, tiny_task_manager):
     from lm_eval_rlae.policies import FixedPolicy
 
