@@ -19,7 +19,6 @@ from lm_eval_rlae.compare.config import methods, short_names
 from lm_eval_rlae.compare.stats import paired_interval, wilson
 from lm_eval_rlae.decisions import read_decisions
 
-
 UPPER_BOUNDS = ("oracle routing", "per-document oracle")
 
 
@@ -89,14 +88,16 @@ def accuracy_plot(summary: dict, path: Path, title: str) -> None:
     labels = list(summary["overall"])
     fig, (ax, ax_mean) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [5, 1]})
     width = 0.8 / len(labels)
+    # tab10 repeats after 10 methods: past that, tab20's dark shades first, then its light ones
+    colors = [plt.get_cmap("tab20")((2 * k) % 20 + (2 * k) // 20) for k in range(len(labels))] if len(labels) > 10 else [f"C{k}" for k in range(len(labels))]
     for k, label in enumerate(labels):
         accs = np.array([summary["tasks"][t][label]["acc"] for t in tasks])
         cis = np.array([summary["tasks"][t][label]["ci95"] for t in tasks])
         x = np.arange(len(tasks)) + k * width
-        ax.bar(x, 100 * accs, width, label=label)
+        ax.bar(x, 100 * accs, width, label=label, color=colors[k])
         ax.errorbar(x, 100 * accs, yerr=100 * np.abs(cis.T - accs), fmt="none", ecolor="black", elinewidth=0.6, capsize=1.5)
         o = summary["overall"][label]
-        ax_mean.bar(k, 100 * o["acc"], 0.8, color=f"C{k}")
+        ax_mean.bar(k, 100 * o["acc"], 0.8, color=colors[k])
         ax_mean.errorbar(k, 100 * o["acc"], yerr=[[100 * (o["acc"] - o["ci95"][0])], [100 * (o["ci95"][1] - o["acc"])]], fmt="none", ecolor="black", capsize=3)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
     ax.set_xticklabels([t.removeprefix("bb_") for t in tasks], rotation=55, ha="right", fontsize=8)
