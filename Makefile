@@ -67,7 +67,7 @@ agents: setup models data
 	cp -r runs/specialists-ppo/best lm_eval_rlae/agents/rlae-ppo-specialists
 	cp -r runs/specialists-mappo/best lm_eval_rlae/agents/rlae-mappo-specialists
 
-# The agents of the plain pair (README, "The plain pair"), the same recipe on its six tasks: about 25
+# The agents of the plain pair (README, "The plain pair"), the same recipe on its six tasks: about 12
 # minutes each on 2 CPU cores, after scoring the multiple-choice documents once (about 20 minutes).
 .PHONY: plain-agents
 plain-agents: setup models data
