@@ -158,8 +158,7 @@ class EnsembleEnv:
         return obs, reward, done, np.zeros(len(ids), dtype=bool), np.array(infos)
 
     def _mixed_reward(self, episode: _Episode, weights: torch.Tensor) -> float:
-        choices = len(episode.scored.scored[0])
-        return episode.document.reward(mix(episode.scored.scored, weights.expand(choices, -1)))
+        return mixed_reward(episode.document, episode.scored, weights)
 
     def _baseline_reward(self, episode: _Episode) -> float:
         """With `reward_baseline` (fixed weights), a multiple-choice document's reward is the task's metric
@@ -177,6 +176,12 @@ class EnsembleEnv:
     def _info(self, row: int) -> dict:
         episode = self.episodes[row]
         return {"task": episode.document.task.name, "span": episode.span}
+
+
+def mixed_reward(document: Document, scored: ScoredDocument, weights: torch.Tensor) -> float:
+    """A multiple-choice document's metric under weights [M] (normalised), from its cached scores."""
+    choices = len(scored.scored[0])
+    return document.reward(mix(scored.scored, weights.expand(choices, -1)))
 
 
 def row_ids(env_id, n_rows: int) -> list[int]:

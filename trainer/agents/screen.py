@@ -59,16 +59,15 @@ def cached_documents(run, grid: list[tuple[float, ...]]) -> Documents:
     """The multiple-choice documents of `run`'s train and validation splits, from the score cache."""
     import torch
 
-    from lm_eval_rlae.engine.fusion import mix
+    from trainer.agents.env import mixed_reward
 
-    names = list(run.scored["train"])
+    names = list(run.scored["train"])  # the multiple-choice tasks: only they are cached
+    weights = [torch.tensor(w, dtype=torch.float32) for w in grid]
     rewards, obs, task = [], [], []
     for split in ("train", "validation"):
         for t, name in enumerate(names):
             for document, scored in zip(run.tasks[split][name].documents, run.scored[split][name]):
-                choices = len(scored.scored[0])
-                weights = [torch.tensor(w, dtype=torch.float32).expand(choices, -1) for w in grid]
-                rewards.append([document.reward(mix(scored.scored, w)) for w in weights])
+                rewards.append([mixed_reward(document, scored, w) for w in weights])
                 obs.append(scored.obs)
                 task.append(t)
     return Documents(np.array(rewards), np.stack(obs), np.array(task), names, np.array(grid))
@@ -159,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval_rlae.files import write_text
     from trainer.agents.fixed_weights import simplex_grid
     from trainer.agents.run import Run, load_config
-    from trainer.agents.tasks import TaskMixture
 
     parser = argparse.ArgumentParser(prog="rlae-screen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="an rlae-train config (members, state, tasks, train_docs, val_docs)")
@@ -167,14 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="default results/screen/<config name>")
     args = parser.parse_args(argv)
     config = load_config(args.config, {})
-    kinds = {leaf: task.OUTPUT_TYPE for leaf, task in TaskMixture(config.tasks, config.splits, config.include_path).tasks.items()}  # no model loads yet
-    choice = [t for t, kind in kinds.items() if kind == "multiple_choice"]
-    if not choice:
+    # every task, held out or not: the screen leaves tasks out itself; nothing is decoded, only the
+    # multiple-choice documents are scored (or read from the cache)
+    run = Run(dataclasses.replace(config, holdout=[], folds=[], fold=None), splits=("train", "validation"))
+    if not run.scored["train"]:
         raise SystemExit(f"{args.config} has no multiple-choice task: the screen reads cached scores of questions")
-    if dropped := sorted(set(kinds) - set(choice)):
+    if dropped := sorted(set(run.tasks["train"]) - set(run.scored["train"])):
         print(f"note: {dropped} generate: left out (a document's reward under a weighting would cost a decode)", flush=True)
-    config = dataclasses.replace(config, tasks={t: 1.0 for t in choice}, mc_rows=0, holdout=[], folds=[], fold=None)
-    run = Run(config, splits=("train", "validation"))
     documents = cached_documents(run, simplex_grid(len(config.members), args.step))
     result = screen(documents, feature_sets(documents, run.features.layout), list(config.members))
     output = args.output or Path("results") / "screen" / args.config.stem
