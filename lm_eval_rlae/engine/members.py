@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lm_eval_rlae.engine.cpu_linear import use_narrow_linears
 from lm_eval_rlae.engine.vocab import MemberVocab
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class Member:
         self.model = self.lm.model
         self.tokenizer = self.lm.tokenizer
         self.device = self.lm.device
+        if torch.device(self.device).type == "cpu":
+            use_narrow_linears(self.model)  # a decoding forward at full memory bandwidth (engine/cpu_linear.py)
         generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         self.vocab = MemberVocab.from_tokenizer(
