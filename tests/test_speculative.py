@@ -182,6 +182,37 @@ def test_sliding_windows_count_a_rows_own_tokens_whatever_the_masked_slots(bpe_m
         torch.testing.assert_close(stream.logprobs[r], alone.logprobs[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_sliding_window_masks_are_the_ones_transformers_builds(bpe_member, sliding, implementation, monkeypatch):
+    """The sliding-window masks built in a few tensor ops are, element for element, those transformers
+    builds through vmap from the same condition, in the form each attention implementation reads."""
+    from test_equality_hf import SLIDING_PROMPTS
+    from transformers.masking_utils import create_causal_mask
+
+    monkeypatch.setattr(sliding.model.config, "_attn_implementation", implementation)
+    built = Member._window_masks
+    compared = []
+
+    def compare(self, input_ids, attention_mask, position_ids, slot_positions, cache):
+        masks = built(self, input_ids, attention_mask, position_ids, slot_positions, cache)
+        config = self.model.config.get_text_config()
+
+        def in_window(batch_idx, head_idx, q_idx, kv_idx):
+            return slot_positions[batch_idx, kv_idx] > slot_positions[batch_idx, q_idx] - config.sliding_window
+
+        shape = torch.empty(*input_ids.shape, 0, dtype=self.model.dtype)
+        expected = create_causal_mask(config, shape, attention_mask, cache, position_ids, and_mask_function=in_window)
+        full = create_causal_mask(config, shape, attention_mask, cache, position_ids)
+        assert torch.equal(masks["sliding_attention"], expected)
+        compared.append(full is not None and full.shape == expected.shape and not torch.equal(full, expected))  # the window cut something
+        return masks
+
+    monkeypatch.setattr(Member, "_window_masks", compare)
+    engine = FusionEngine([_member(bpe_member), sliding], UniformPolicy(2), speculative=True)
+    engine.generate(SLIDING_PROMPTS, Decoding(until=[], max_gen_toks=8))
+    assert any(compared), "no mask where the window excludes a slot: the test proves nothing"
+
+
 def test_members_without_weight_do_not_run(members, monkeypatch):
     """One-hot weights: the other member is not run at all, not even on its prompt; a policy that
     reads the state brings it up to date in one forward."""
