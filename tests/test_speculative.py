@@ -236,7 +236,8 @@ def test_drafts_save_the_verifiers_forwards(members, bpe_member, monkeypatch):
 
 
 def test_rounds_are_used_where_they_are_faster_per_token(members, monkeypatch):
-    """Per batch size: a round, then a plain step, then the faster per token, the slower retimed every 16."""
+    """Per batch size: a round, then a plain step, then the faster per token (time over tokens of the
+    recent decodes), the slower timed again after 16 decodes, then 32, 64..., afresh when the faster changes."""
     monkeypatch.undo()  # the real choice
     drafting = FusionEngine(members, UniformPolicy(2)).drafting
     assert drafting.speculates(8)  # nothing timed yet: a round first
@@ -244,9 +245,12 @@ def test_rounds_are_used_where_they_are_faster_per_token(members, monkeypatch):
     assert not drafting.speculates(8)  # then a plain step
     drafting.timed("step", 8, seconds=0.4, tokens=8)  # 0.05 s: a tie goes to rounds
     assert drafting.speculates(8)
-    drafting.timed("step", 8, seconds=0.2, tokens=8)  # steps now faster on average
-    choices = [drafting.speculates(8) for _ in range(32)]  # decodes 4 to 35: the 16th and 32nd explore
-    assert [i + 4 for i, c in enumerate(choices) if c] == [16, 32]
+    drafting.timed("round", 8, seconds=0.3, tokens=1)  # a round that kept one token: 1.25 s over 20 tokens (decayed), 0.0625 s per token
+    choices = [drafting.speculates(8) for _ in range(60)]  # decodes 4 to 63, steps faster from decode 4
+    assert [i + 4 for i, chosen in enumerate(choices) if chosen] == [19, 51]
+    drafting.timed("round", 8, seconds=0.1, tokens=20)  # rounds now faster: steps timed again 16 decodes on
+    choices = [drafting.speculates(8) for _ in range(20)]
+    assert [i for i, chosen in enumerate(choices) if not chosen] == [15]
     assert drafting.speculates(1)  # another batch size starts afresh
 
 

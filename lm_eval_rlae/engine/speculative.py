@@ -34,7 +34,9 @@ from lm_eval_rlae.engine.feeding import queued
 
 UNSURE = 0.4  # the drafter's top-1 probability below which its token is often not the ensemble's choice
 MAX_POSITIONS = 8
-EXPLORE = 16  # every so many decodes at one batch size, the mode that looked slower is timed again
+EXPLORE = 16  # decodes at one batch size before the mode that looks slower is timed again; doubled while it stays slower
+MAX_EXPLORE = 256
+DECAY = 0.95  # of a mode's time and tokens so far, per decode of that mode: about its last 20 decodes count
 
 
 @dataclass
@@ -66,10 +68,12 @@ class Drafting:
     Rounds pay where a forward over several tokens costs little more than over one: at small
     batches. Where a batch's forwards are already bound by compute (large batches on a CPU), a
     verify pass costs nearly as much as the steps it replaces, and drafts taken back are lost work;
-    so per batch size, the seconds per token decoded are measured for rounds and for plain steps,
-    and the faster is used (the slower is timed again now and then). A member's step cost, to pick
-    the cheapest drafter, is the parameters a decoding step reads: all but an input embedding the
-    model does not also use as its output head.
+    so per batch size, the seconds per token decoded are measured for rounds and for plain steps (time
+    over tokens of each mode's recent decodes: a round that kept one token weighs less than one that
+    kept five), and the faster is used; the slower is timed again after 16 decodes, then after twice
+    as many each time it is still slower. A member's step cost, to pick the cheapest drafter, is the
+    parameters a decoding step reads: all but an input embedding the model does not also use as its
+    output head.
     """
 
     def __init__(self, engine):
@@ -77,8 +81,9 @@ class Drafting:
         self.positions = 4  # positions a round verifies: drafted tokens and the ensemble's own after them
         self.counts = Counts()
         self.unsure = [5, 10]  # positions where the drafter was unsure: [agreed, examined] (a prior of one in two)
-        self.seconds: dict[tuple[str, int], float] = {}  # (mode, batch size) -> seconds per token decoded, averaged
-        self.decodes: dict[int, int] = {}  # batch size -> decodes (rounds and steps) so far
+        self.spent: dict[tuple[str, int], tuple[float, float]] = {}  # (mode, batch size) -> decayed (seconds, tokens)
+        self.faster: dict[int, bool] = {}  # batch size -> whether rounds were faster at its last decode
+        self.exploration: dict[int, tuple[int, int]] = {}  # batch size -> (decodes until the slower mode is timed, gap)
         self.step_cost = [_read_parameters(member.model) for member in engine.members]
         # per member [V_m]: ids the union cannot choose (rows past its tokenizer), and its end-of-sequence ids
         self.sink = [to_union == union.size for to_union in union.to_union]
@@ -91,20 +96,34 @@ class Drafting:
         top = max(float(held[m]) for m in needed)
         return min((m for m in needed if held[m] >= 0.95 * top), key=lambda m: self.step_cost[m])
 
+    def per_token(self, mode: str, batch: int) -> float | None:
+        """Seconds per token decoded of a mode's recent decodes at this batch size; None before any."""
+        seconds, tokens = self.spent.get((mode, batch), (0.0, 0.0))
+        return seconds / tokens if tokens else None
+
     def speculates(self, batch: int) -> bool:
-        """Whether the next decode of a batch of this size is a round (else a plain step): the mode
-        with fewer seconds per token so far, each tried first, the slower one again every EXPLORE decodes."""
-        self.decodes[batch] = n = self.decodes.get(batch, 0) + 1
-        rounds, steps = self.seconds.get(("round", batch)), self.seconds.get(("step", batch))
+        """Whether the next decode of a batch of this size is a round (else a plain step): each mode
+        tried first, then the one with fewer seconds per token, the slower one timed again after a gap
+        that doubles each time (and starts over when the faster mode changes)."""
+        rounds, steps = self.per_token("round", batch), self.per_token("step", batch)
         if rounds is None or steps is None:
             return rounds is None
-        return (rounds <= steps) != (n % EXPLORE == 0)
+        faster = rounds <= steps
+        countdown, gap = self.exploration.get(batch, (EXPLORE, EXPLORE))
+        if self.faster.get(batch, faster) != faster:  # the faster mode changed: the other is timed again soon
+            countdown, gap = EXPLORE, EXPLORE
+        self.faster[batch] = faster
+        if countdown == 1:  # time the slower mode once, then wait twice as long
+            gap = min(2 * gap, MAX_EXPLORE)
+            self.exploration[batch] = (gap, gap)
+            return not faster
+        self.exploration[batch] = (countdown - 1, gap)
+        return faster
 
     def timed(self, mode: str, batch: int, seconds: float, tokens: int) -> None:
         """Record a decode: its mode, batch size, wall time and tokens decoded over its rows."""
-        per_token = seconds / max(tokens, 1)
-        previous = self.seconds.get((mode, batch))
-        self.seconds[(mode, batch)] = per_token if previous is None else 0.7 * previous + 0.3 * per_token
+        spent, decoded = self.spent.get((mode, batch), (0.0, 0.0))
+        self.spent[(mode, batch)] = (DECAY * spent + seconds, DECAY * decoded + tokens)
 
     def stops_when_unsure(self) -> bool:
         """Whether a round ends where the drafter is unsure on every row: while the ensemble has mostly
@@ -126,13 +145,15 @@ class Drafting:
 def advance(generation, weights: torch.Tensor, goal: list[int]) -> None:
     """Decode every live row of `generation` to its goal (tokens decoded at the span's end) in rounds,
     or in plain steps where a single member has weight (nothing to verify) or where rounds do not pay."""
-    drafting, batch = generation.engine.drafting, len(generation.rows)
+    drafting = generation.engine.drafting
     while (live := generation.live(goal)).any():
         needed = generation.needed(weights, live)
         if len(needed) < 2:
             generation.step(weights, goal)
             continue
+        batch = int(live.sum())  # the rows decoding: what a token costs depends on them (rows done still ride along)
         before = sum(row.steps for row in generation.rows)
+        prompts = any(generation.streams[m].cache is None for m in needed)  # a member reads its prompts in this decode
         start = time.perf_counter()
         if drafting.speculates(batch):
             mode = "round"
@@ -141,7 +162,8 @@ def advance(generation, weights: torch.Tensor, goal: list[int]) -> None:
             mode = "step"
             drafting.counts.steps += 1
             generation.step(weights, goal)
-        drafting.timed(mode, batch, time.perf_counter() - start, sum(row.steps for row in generation.rows) - before)
+        if not prompts:  # reading the prompts would count as decoding time, for whichever mode came first
+            drafting.timed(mode, batch, time.perf_counter() - start, sum(row.steps for row in generation.rows) - before)
 
 
 class _Round:
