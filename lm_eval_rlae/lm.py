@@ -52,9 +52,9 @@ class RLAELM(LM):
     gate:         a confidence gate for generation (GaC's), e.g. 0.9: a token the first member gives
                   more than this probability is its alone, and the other members skip that step
     speculative:  greedy generation drafts with one member and verifies with the others in one
-                  forward, with exactly the output of step-by-step decoding; `auto` (default):
-                  where every member is on a GPU (on a CPU it costs more than it saves);
-                  `true` / `false` force it. Sampling always goes step by step.
+                  forward, with exactly the output of step-by-step decoding, wherever rounds
+                  measure faster than plain steps; `auto` (default) and `true`: so; `false`:
+                  step by step. Sampling always goes step by step.
     agent:        a trained RLAE agent instead of fixed weights: a directory written by `rlae-train`
                   or the name of a shipped agent (`lm_eval_rlae/agents/`)
     span_length:  union tokens generated between two calls of the weight policy (default: the

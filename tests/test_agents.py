@@ -492,7 +492,7 @@ def test_config_flags_override_the_yaml(tmp_path):
     assert (config.lr, config.hidden, config.algorithm, config.out) == (0.5, [32], "mappo", str(Path("runs") / "c-mappo"))
     parser = argparse.ArgumentParser()
     dataclass_config.add_flags(parser, TrainConfig)
-    assert config.speculative is None  # auto: drafts where the members are on a GPU
+    assert config.speculative is None  # auto: drafts where rounds measure faster
     assert load_config(path, vars(parser.parse_args(["--speculative", "true"]))).speculative is True
     assert load_config(path, vars(parser.parse_args(["--speculative", "false"]))).speculative is False
     with pytest.raises(SystemExit):  # argparse: "'maybe': give true or false"

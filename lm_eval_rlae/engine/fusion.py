@@ -95,10 +95,8 @@ class Scored:
 
 class FusionEngine:
     """speculative: greedy generation drafts and verifies (`speculative.py`), with the very output of
-    step-by-step decoding; False decodes one step at a time; None (auto) drafts where every member is on
-    a GPU. On a CPU it does not pay: a verify pass over k positions computes k rows of logits, and the
-    members' output layers (Gemma 3's 262k x 640) cost as much per position as the rest of the model
-    (README, speed). Sampling always goes step by step."""
+    step-by-step decoding, in rounds wherever they measure faster than plain steps (per number of rows
+    decoding); None (auto) is the same; False decodes one step at a time. Sampling always goes step by step."""
 
     def __init__(
         self, members: list[Member], policy: WeightPolicy, span_length: int = 4, seed: int = 1234, gate: float | None = None,
@@ -107,7 +105,7 @@ class FusionEngine:
         self.members = members
         self.span_length = span_length
         self.gate = check_gate(gate)
-        self.speculative = all(member.device.type == "cuda" for member in members) if speculative is None else speculative
+        self.speculative = True if speculative is None else speculative
         self.device = members[0].device  # where the members' distributions are fused
         self.union = UnionVocab([member.vocab for member in members], device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -39,7 +39,7 @@ class TrainConfig:
     text_encoder: str = TEXT_ENCODER  # the `text` state's encoder: all-minilm-l6-v2 (PyPI) or a HF id
     span_length: int = 4  # union tokens generated between two decisions
     speculative: bool | None = None  # the env drafts and verifies its generation rows (the same texts, fewer
-    # forwards where a forward over k tokens costs about one); None: where the members are on a GPU. Drafting
+    # forwards where a forward over k tokens costs about one); None: as true. Drafting
     # makes the members' states differ by float rounding with the forwards' widths, which follow measured
     # speed, so only `false` makes a run, and a resumed run, bit-for-bit reproducible
     include_path: str | None = str(TASK_CONFIGS)  # where tasks beyond the harness's own are found
