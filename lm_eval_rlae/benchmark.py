@@ -1,5 +1,6 @@
 """What the ensemble costs over its members: the same requests through each member alone (lm-eval's
-`HFLM`, the very objects the ensemble holds) and through `rlae`, in one process, with ratios.
+`HFLM`, the very objects the ensemble holds, so on a CPU with its narrow linear layers too) and
+through `rlae`, in one process, with ratios.
 
     python -m lm_eval_rlae.benchmark --members smollm2-135m,gemma3-270m [--batch-size 1,8]
         [--prompts 8] [--max-gen-toks 32] [--repeats 3] [--device cpu | --devices cuda:0,cuda:1]
