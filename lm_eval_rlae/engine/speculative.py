@@ -34,7 +34,7 @@ from lm_eval_rlae.engine.feeding import queued
 
 UNSURE = 0.4  # the drafter's top-1 probability below which its token is often not the ensemble's choice
 MAX_POSITIONS = 8
-EXPLORE = 16  # decodes at one batch size before the mode that looks slower is timed again; doubled while it stays slower
+EXPLORE = 16  # decodes before the mode that looks slower is timed again; doubled while it stays slower
 MAX_EXPLORE = 256
 DECAY = 0.95  # of a mode's time and tokens so far, per decode of that mode: about its last 20 decodes count
 
@@ -68,7 +68,7 @@ class Drafting:
     Rounds pay where a forward over several tokens costs little more than over one: at small
     batches. Where a batch's forwards are already bound by compute (large batches on a CPU), a
     verify pass costs nearly as much as the steps it replaces, and drafts taken back are lost work;
-    so per batch size, the seconds per token decoded are measured for rounds and for plain steps (time
+    so per number of rows decoding, the seconds per token are measured for rounds and for plain steps (time
     over tokens of each mode's recent decodes: a round that kept one token weighs less than one that
     kept five), and the faster is used; the slower is timed again after 16 decodes, then after twice
     as many each time it is still slower. A member's step cost, to pick the cheapest drafter, is the
@@ -81,9 +81,10 @@ class Drafting:
         self.positions = 4  # positions a round verifies: drafted tokens and the ensemble's own after them
         self.counts = Counts()
         self.unsure = [5, 10]  # positions where the drafter was unsure: [agreed, examined] (a prior of one in two)
-        self.spent: dict[tuple[str, int], tuple[float, float]] = {}  # (mode, batch size) -> decayed (seconds, tokens)
-        self.faster: dict[int, bool] = {}  # batch size -> whether rounds were faster at its last decode
-        self.exploration: dict[int, tuple[int, int]] = {}  # batch size -> (decodes until the slower mode is timed, gap)
+        # keyed by the number of rows decoding (`batch` below): what a token costs depends on it
+        self.spent: dict[tuple[str, int], tuple[float, float]] = {}  # (mode, rows) -> decayed (seconds, tokens)
+        self.faster: dict[int, bool] = {}  # rows -> whether rounds were faster at its last decode
+        self.exploration: dict[int, tuple[int, int]] = {}  # rows -> (decodes until the slower mode is timed, gap)
         self.step_cost = [_read_parameters(member.model) for member in engine.members]
         # per member [V_m]: ids the union cannot choose (rows past its tokenizer), and its end-of-sequence ids
         self.sink = [to_union == union.size for to_union in union.to_union]
@@ -97,12 +98,12 @@ class Drafting:
         return min((m for m in needed if held[m] >= 0.95 * top), key=lambda m: self.step_cost[m])
 
     def per_token(self, mode: str, batch: int) -> float | None:
-        """Seconds per token decoded of a mode's recent decodes at this batch size; None before any."""
+        """Seconds per token decoded of a mode's recent decodes with this many rows decoding; None before any."""
         seconds, tokens = self.spent.get((mode, batch), (0.0, 0.0))
         return seconds / tokens if tokens else None
 
     def speculates(self, batch: int) -> bool:
-        """Whether the next decode of a batch of this size is a round (else a plain step): each mode
+        """Whether the next decode of this many rows is a round (else a plain step): each mode
         tried first, then the one with fewer seconds per token, the slower one timed again after a gap
         that doubles each time (and starts over when the faster mode changes)."""
         rounds, steps = self.per_token("round", batch), self.per_token("step", batch)
@@ -121,7 +122,7 @@ class Drafting:
         return faster
 
     def timed(self, mode: str, batch: int, seconds: float, tokens: int) -> None:
-        """Record a decode: its mode, batch size, wall time and tokens decoded over its rows."""
+        """Record a decode: its mode, rows decoding, wall time and tokens decoded over its rows."""
         spent, decoded = self.spent.get((mode, batch), (0.0, 0.0))
         self.spent[(mode, batch)] = (DECAY * spent + seconds, DECAY * decoded + tokens)
 
